@@ -1,0 +1,32 @@
+# The study's small model (DESIGN.md): 8 layers, d_model 512, 4 heads, peak LR 3e-3, warmup 400,
+# global batch 512 x 2048 tokens. Our vocabulary is cl100k_base (padded to 100,352), so the
+# embedding and head add 103M parameters to the 25M in the blocks (the study's count differs).
+# torchrun --standalone --nproc_per_node=8 pretrain.py config/79m.py
+out_dir = "out/79m"
+data_dir = "data/dclm"  # text and image-caption shards in the formats of data/shards.py
+n_layer = 8
+n_head = 4
+n_kv_head = 4
+n_embd = 512
+ffn_hidden = 1408
+seq_len = 2048
+image_size = 224
+patch_size = 14  # 256 image tokens per image
+vit_depth = 12
+vit_width = 768
+vit_heads = 12
+caption_len = 64  # 6 samples of 256 + 64 + 1 positions per image-caption row
+batch_size = 32
+grad_accum = 16  # 16 x 32 = 512 rows per step over all ranks
+max_iters = 30_000  # 31B text tokens
+warmup_iters = 400
+learning_rate = 3e-3
+min_lr = 3e-4
+vision_start_frac = 0.8
+image_iters = 7_500
+image_ratio = 0.1
+rewarm_lr = 1e-3
+rewarm_iters = 400
+log_interval = 10
+eval_interval = 500
+ckpt_interval = 1000

@@ -1,0 +1,68 @@
+"""
+Overrides a script's default settings from config files and --key=value arguments.
+
+A training script keeps its defaults as plain globals at the top (nanoGPT's style) and calls
+
+    apply_overrides(globals(), sys.argv[1:])
+
+Each argument is either a config file (a Python file of assignments, run in its own namespace)
+or --key=value, applied in order, so later ones win. Every key must be one of the script's
+settings and every value must have its default's type (an int is accepted for a float), so a
+typo such as --learning_rat=1e-3 stops the run instead of being silently ignored.
+"""
+
+import ast
+
+
+def _settings(namespace):
+    """The script's settings: its public globals of plain data types."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, list))}
+
+
+def _checked(key, value, default, source):
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+        value = type(default)(value) if ok else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise ValueError(f"{source}: {key} must be of type {type(default).__name__} "
+                         f"(its default is {default!r}), got {value!r}")
+    return value
+
+
+def apply_overrides(namespace, argv):
+    """Applies config files and --key=value arguments to `namespace` (a script's globals)."""
+    settings = _settings(namespace)
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise ValueError(f"argument {arg!r} must look like --key=value")
+            key, text = arg[2:].split("=", 1)
+            try:
+                value = ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                value = text  # a bare word such as --init_from=resume is a string
+            updates, source = {key: value}, arg
+        else:
+            file_namespace = {}
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), file_namespace)
+            except OSError as e:
+                raise ValueError(f"cannot read config file {arg}: {e.strerror}") from None
+            updates = {k: v for k, v in file_namespace.items()
+                       if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
+            source = arg
+        for key, value in updates.items():
+            if key not in settings:
+                raise ValueError(f"{source}: unknown setting {key!r}")
+            namespace[key] = settings[key] = _checked(key, value, settings[key], source)
+            print(f"config: {key} = {namespace[key]!r}")
+    return settings

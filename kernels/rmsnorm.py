@@ -1,0 +1,105 @@
+"""RMSNorm: y = x * rsqrt(mean(x^2) + eps) * weight, over the last dimension.
+
+The math runs in float32 whatever the input dtype; the output has x's dtype.
+Forward: one program per row. Backward: at most a fixed number of programs, each walking a
+block of rows, so every program can sum its rows' weight-gradient contributions in registers
+and write one partial row; a torch sum over those few partial rows finishes the job
+(no atomics, and the result does not depend on scheduling order).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton needs a GPU, or the interpreter (TRITON_INTERPRET=1) that tests use on the CPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Backward programs: about four per SM on a 132-SM Hopper card. More programs give more
+# rows in flight; fewer mean a smaller [programs, D] partial buffer to sum at the end.
+_BWD_PROGRAMS = 512
+
+
+def rms_norm_reference(x, weight, eps):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * D can pass 2**31 on big batches
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    tl.store(rstd_ptr + row, rstd)  # saved so the backward need not recompute it
+    y = x * rstd * w
+    tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, M, D,
+                         rows_per_program, BLOCK_D: tl.constexpr):
+    # With xhat = x * rstd and y = xhat * w:
+    #   dx = rstd * (dy*w - xhat * mean(dy*w*xhat)),   dw = sum over rows of dy * xhat
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        row = pid.to(tl.int64) * rows_per_program + i
+        row_mask = mask & (row < M)  # the last program may run past the final row
+        offs = row * D + cols
+        x = tl.load(x_ptr + offs, mask=row_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=row_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=row < M, other=0.0)
+        xhat = x * rstd
+        dyw = dy * w
+        dx = rstd * (dyw - xhat * (tl.sum(dyw * xhat, axis=0) / D))
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
+        dw += dy * xhat
+    tl.store(dw_partial_ptr + pid * D + cols, dw, mask=mask)
+
+
+def _num_warps(block):
+    # about eight elements per thread, between 1 and 16 warps
+    return min(max(block // 256, 1), 16)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D).contiguous()
+        M = x2.shape[0]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+        BLOCK_D = triton.next_power_of_2(D)
+        _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, D, eps,
+                                   BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_D))
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        M, D = x2.shape
+        dy2 = dy.reshape(-1, D).contiguous()
+        dx = torch.empty_like(x2)
+        rows_per_program = triton.cdiv(M, _BWD_PROGRAMS)
+        programs = triton.cdiv(M, rows_per_program)
+        dw_partial = torch.empty(programs, D, device=x2.device, dtype=torch.float32)
+        BLOCK_D = triton.next_power_of_2(D)
+        _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, D,
+                                          rows_per_program, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_D))
+        dw = dw_partial.sum(0).to(weight.dtype)
+        return dx.view(dy.shape), dw, None
+
+
+def rms_norm(x, weight, eps):
+    if not (x.is_cuda or _INTERPRET):
+        return rms_norm_reference(x, weight, eps)
+    return _RMSNorm.apply(x, weight.contiguous(), eps)

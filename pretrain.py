@@ -1,0 +1,304 @@
+"""
+Pretraining: text only at first, then text mixed with image-caption rows from
+vision_start_frac on. One process:
+
+    python pretrain.py config/toy.py
+    python pretrain.py config/toy.py --vision_start_frac=0.4 --image_ratio=0.2
+
+Many GPUs (DDP):
+
+    torchrun --standalone --nproc_per_node=8 pretrain.py config/1b.py
+
+The schedule (the study's protocol, see README "The schedule"): the text run is max_iters
+steps of warmup + cosine decay. Images start at step S = round(vision_start_frac * max_iters);
+the image phase lasts image_iters steps and replays the rest of the text schedule, from S to
+max_iters, stretched to fit. At vision_start_frac = 1.0 the text schedule has finished, so the
+image phase re-warms to rewarm_lr and decays again. save_fracs keeps text-only checkpoints
+that other runs branch from with init_from=PATH (sweep.py trains the shared text prefix once).
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (JsonlLog, all_reduce_sum, autocast_context, check_same_settings, cosine_schedule,
+                    find_shards, load_checkpoint, load_tokenizer, peak_flops, restore_rng_state, rng_state,
+                    save_checkpoint, setup_distributed, train_step)
+from configurator import apply_overrides
+from data.loader import PretrainLoader
+from model import VLM, ModelConfig, configure_optimizer
+
+# -----------------------------------------------------------------------------
+# defaults (config/toy.py, config/79m.py, config/1b.py override them)
+# I/O
+out_dir = "out/pretrain"
+data_dir = "data/toyworld"
+train_text = "train_text*.bin"  # shard file patterns inside data_dir
+train_captions = "train_caption*.bin"
+val_text = "val_text*.bin"
+val_captions = "val_caption*.bin"
+init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path to branch from
+save_fracs = ()  # text-schedule fractions at which to keep a checkpoint, e.g. (0.2, 0.4, 1.0)
+ckpt_interval = 250  # steps between resumable checkpoints (out_dir/ckpt.pt)
+stop_at_iter = -1  # end this invocation after this step (checkpointed), e.g. for time-limited jobs
+log_interval = 10
+eval_interval = 100
+eval_batches = 8  # micro-batches per validation set (text, image-caption) and rank
+seed = 1337
+# model
+n_layer = 4
+n_head = 4
+n_kv_head = 4
+n_embd = 256
+ffn_hidden = 704
+seq_len = 256
+tie_embeddings = False
+rope_theta = 10000.0
+image_size = 32
+patch_size = 8
+vit_depth = 0
+vit_width = 256
+vit_heads = 4
+caption_len = 32  # caption tokens per image-caption sample (longer ones are cut)
+# optimisation
+batch_size = 16  # rows per micro-batch and rank
+grad_accum = 1  # micro-batches per step over all ranks (must divide by the number of ranks)
+max_iters = 400  # length of the text-only schedule
+warmup_iters = 40
+learning_rate = 3e-3
+min_lr = 3e-4
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# vision
+vision_start_frac = 0.8
+image_iters = 100  # length of the image phase
+image_ratio = 0.1  # share of image-caption rows (= positions) in the image phase
+image_ratio_ramp_iters = 0  # > 0: ramp the ratio linearly from 0 over this many image-phase steps
+rewarm_lr = 1e-3  # the image phase's peak when vision_start_frac = 1.0
+rewarm_iters = 20
+# system
+device = "auto"  # "auto", "cuda" or "cpu"
+dtype = "bfloat16"  # autocast dtype ("float32" turns it off)
+compile = True  # torch.compile the model (CUDA only; on the CPU it costs more than it gives)
+use_kernels = True  # Triton kernels (CUDA only; the PyTorch references run elsewhere)
+# -----------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+# Settings that shape a run's past: a branch or a resume must agree with its checkpoint on them.
+PREFIX_SETTINGS = ["data_dir", "train_text", "seed", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden",
+                   "seq_len", "tie_embeddings", "rope_theta", "image_size", "patch_size", "vit_depth", "vit_width",
+                   "vit_heads", "batch_size", "grad_accum", "max_iters", "warmup_iters", "learning_rate", "min_lr",
+                   "weight_decay", "beta1", "beta2", "grad_clip"]
+
+
+def check_settings():
+    if not 0.0 <= vision_start_frac <= 1.0:
+        raise ValueError(f"vision_start_frac must lie in [0, 1], got {vision_start_frac}")
+    if not 0.0 <= image_ratio <= 1.0:
+        raise ValueError(f"image_ratio must lie in [0, 1], got {image_ratio}")
+    if any(not 0.0 <= f <= 1.0 for f in save_fracs):
+        raise ValueError(f"save_fracs must lie in [0, 1], got {save_fracs}")
+    if image_iters < 0 or max_iters <= 0 or warmup_iters < 0:
+        raise ValueError("max_iters must be positive, image_iters and warmup_iters not negative")
+
+
+check_settings()
+rank, local_rank, world_size, device = setup_distributed(device)
+master = rank == 0
+device_type = torch.device(device).type
+if grad_accum % world_size:
+    raise ValueError(f"grad_accum {grad_accum} must be a multiple of the number of ranks {world_size}")
+accum_per_rank = grad_accum // world_size
+torch.manual_seed(seed)
+autocast = autocast_context(device_type, dtype)
+
+start_iter = round(vision_start_frac * max_iters)  # the first step that sees images
+total_iters = start_iter + image_iters
+save_iters = {round(f * max_iters): f for f in save_fracs}
+
+
+def lr_at(it):
+    """The learning rate of step `it` (README: "The schedule")."""
+    if it < start_iter:
+        return cosine_schedule(it, warmup_iters, max_iters, learning_rate, min_lr)
+    k = it - start_iter  # step within the image phase
+    if start_iter < max_iters:
+        # Continue the text schedule from where images start, stretched so that it ends
+        # (at min_lr) exactly when the image phase does.
+        stretched = start_iter + (max_iters - start_iter) * k / image_iters
+        return cosine_schedule(stretched, warmup_iters, max_iters, learning_rate, min_lr)
+    # The text schedule is over: warm up again and decay a second time.
+    return cosine_schedule(k, rewarm_iters, image_iters, rewarm_lr, min_lr)
+
+
+def image_ratio_at(it):
+    if it < start_iter:
+        return 0.0
+    if image_ratio_ramp_iters > 0:
+        return image_ratio * min(1.0, (it - start_iter + 1) / image_ratio_ramp_iters)
+    return image_ratio
+
+
+# -----------------------------------------------------------------------------
+# data and model
+tokenizer = load_tokenizer(data_dir)
+model_config = ModelConfig(
+    vocab_size=tokenizer.vocab_size, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+    n_embd=n_embd, ffn_hidden=ffn_hidden, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
+    image_size=image_size, patch_size=patch_size, vit_depth=vit_depth, vit_width=vit_width, vit_heads=vit_heads,
+    image_token_id=tokenizer.image_id, use_kernels=use_kernels and device_type == "cuda")
+
+
+def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
+    loader = PretrainLoader(
+        find_shards(data_dir, text_pattern), find_shards(data_dir, caption_pattern), batch_size, seq_len,
+        model_config.tokens_per_image, caption_len, tokenizer.image_id, tokenizer.eot_id, tokenizer.vocab_size,
+        rank=loader_rank, world_size=loader_world, device=device)
+    if loader.image_size != (image_size, image_size):
+        raise ValueError(f"{caption_pattern}: images are {loader.image_size}, the model expects {image_size}x{image_size}")
+    return loader
+
+
+# Training data: every rank walks the same slots; see data/loader.py.
+train_loader = make_loader(train_text, train_captions, rank, world_size)
+val_loader = make_loader(val_text, val_captions, rank, world_size)
+
+raw_model = VLM(model_config).to(device)
+optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
+vision_params = list(raw_model.vision.parameters())
+iter_num = 0
+
+if init_from != "scratch":
+    ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    checkpoint = load_checkpoint(ckpt_path, device)
+    check_same_settings(checkpoint, config, PREFIX_SETTINGS, ckpt_path)
+    if init_from != "resume" and checkpoint["iter_num"] > start_iter:
+        raise ValueError(f"{ckpt_path} is at step {checkpoint['iter_num']}, past this run's image start "
+                         f"{start_iter}: a branch must start from a text-only checkpoint at or before it")
+    raw_model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train_loader.load_state_dict(checkpoint["loader"])
+    restore_rng_state(checkpoint["rng"])
+    iter_num = checkpoint["iter_num"]
+    del checkpoint
+
+model = raw_model
+if compile and device_type == "cuda":
+    # Shapes are static (see data/loader.py); the number of image rows takes at most three
+    # values (0 and the two neighbours of ratio x batch_size), so at most three graphs.
+    model = torch.compile(model, dynamic=False)
+if world_size > 1:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    log = JsonlLog(os.path.join(out_dir, "log.jsonl"), resume_iter=iter_num if init_from == "resume" else None)
+    print(f"model: {raw_model.num_params('decoder'):,} decoder + {raw_model.num_params('vision'):,} vision params; "
+          f"text steps 0..{start_iter - 1}, image steps {start_iter}..{total_iters - 1}; "
+          f"{grad_accum * batch_size * seq_len:,} tokens per step on {world_size} rank(s), {device}")
+
+
+def save(path):
+    save_checkpoint(path, {
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+        "loader": train_loader.state_dict(), "rng": rng_state(), "iter_num": iter_num,
+        "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab})
+
+
+@torch.no_grad()
+def validation_losses():
+    """Mean loss on held-out text rows and on held-out image-caption rows, over all ranks."""
+    model.eval()
+    result = {}
+    for name, ratio in (("val_text_loss", 0.0), ("val_caption_loss", 1.0)):
+        val_loader.reset()  # the same held-out batches every time
+        total = torch.zeros(2, device=device)
+        for _ in range(eval_batches):
+            x, y, images = val_loader.next_batch(ratio)
+            with autocast:
+                _, losses = raw_model(x, y, images)  # the raw module: no recompiles for eval
+            total += torch.stack([losses.sum(), (y != -1).sum().float()])
+        total = all_reduce_sum(total, world_size)
+        result[name] = (total[0] / total[1]).item()
+    model.train()
+    return result
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+flops_per_step = raw_model.flops_per_token(seq_len) * grad_accum * batch_size * seq_len
+peak = peak_flops(device)
+stats = torch.zeros(4, device=device)  # text loss sum, text targets, caption loss sum, caption targets
+image_rows = step_rows = 0
+while True:
+    if master and iter_num in save_iters and iter_num <= start_iter:
+        save(os.path.join(out_dir, f"ckpt_frac{save_iters[iter_num]:.2f}.pt"))
+    if iter_num % eval_interval == 0 or iter_num == total_iters:
+        val = validation_losses()
+        if master:
+            log.write({"iter": iter_num, **val})
+            print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+    if iter_num == total_iters or iter_num == stop_at_iter:
+        if master:
+            save(os.path.join(out_dir, "ckpt.pt"))
+        break
+    if master and iter_num > 0 and iter_num % ckpt_interval == 0:
+        save(os.path.join(out_dir, "ckpt.pt"))
+
+    t0 = time.time()
+    lr = lr_at(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    ratio = image_ratio_at(iter_num)
+    rows_before = train_loader.state["image_rows"]
+    micro_batches = [train_loader.next_batch(ratio) for _ in range(accum_per_rank)]
+    step_image_rows = train_loader.state["image_rows"] - rows_before  # over all ranks
+    token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params,
+                                         step_image_rows > 0, grad_clip)
+    if not math.isfinite(grad_norm.item()):  # the norm is all-reduced, so every rank agrees
+        last = os.path.join(out_dir, "ckpt.pt")
+        raise SystemExit(f"iter {iter_num}: the loss or its gradient is not finite (gradient norm {grad_norm.item()}); "
+                         f"stopping. The last good checkpoint is {last} "
+                         f"({'present' if os.path.exists(last) else 'none written yet'}).")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for (x, y, images), losses in zip(micro_batches, token_losses):
+        is_image_row = (x == tokenizer.image_id).any(dim=1, keepdim=True)
+        trained = y != -1
+        for i, rows in enumerate((~is_image_row, is_image_row)):
+            stats[2 * i] += (losses * rows).sum()
+            stats[2 * i + 1] += (trained & rows).sum()
+    image_rows += step_image_rows
+    step_rows += grad_accum * batch_size
+    iter_num += 1
+
+    if iter_num % log_interval == 0 or iter_num == total_iters:
+        total = all_reduce_sum(stats.clone(), world_size).tolist()
+        dt = time.time() - t0
+        if master:
+            record = {
+                "iter": iter_num, "lr": lr, "image_ratio": ratio,
+                "loss": (total[0] + total[2]) / max(total[1] + total[3], 1),
+                "text_loss": total[0] / total[1] if total[1] else None,
+                "caption_loss": total[2] / total[3] if total[3] else None,
+                "image_share": image_rows / step_rows,  # image-caption rows = positions, since the last log
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": grad_accum * batch_size * seq_len / dt,
+                "mfu": flops_per_step / dt / (peak * world_size) if peak else None,
+            }
+            log.write(record)
+            mfu = f", mfu {100 * record['mfu']:.1f}%" if peak else ""
+            caption = f", caption {record['caption_loss']:.4f}" if record["caption_loss"] is not None else ""
+            print(f"iter {iter_num}: loss {record['loss']:.4f} (text {record['text_loss'] or float('nan'):.4f}{caption}), "
+                  f"lr {lr:.2e}, images {record['image_share']:.3f}, {record['tokens_per_s']:,.0f} tok/s{mfu}")
+        stats.zero_()
+        image_rows = step_rows = 0
+
+if world_size > 1:
+    torch.distributed.destroy_process_group()
