@@ -74,7 +74,7 @@ def cosine_schedule(it, warmup_iters, total_iters, peak_lr, min_lr):
     """Linear warmup to peak_lr, then a cosine decay that reaches min_lr at total_iters and
     stays there. `it` may be fractional (an image phase replays the schedule stretched)."""
     if it < warmup_iters:
-        return peak_lr * (it + 1) / warmup_iters
+        return peak_lr * min(1.0, (it + 1) / warmup_iters)
     progress = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
 
@@ -159,9 +159,10 @@ def check_same_settings(checkpoint, config, keys, what):
 
 
 class JsonlLog:
-    """One JSON object per line in out_dir/log.jsonl. On resume, records from steps at or
-    after the resumed step (written before the interruption) are dropped, so the log reads
-    as if the run had never stopped."""
+    """One JSON object per line in out_dir/log.jsonl, each with "iter": the step it describes
+    (a training record) or the step before which it was measured (a validation record). On
+    resume, records at or after the resumed step, written before the interruption, are
+    dropped, so the log reads as if the run had never stopped."""
 
     def __init__(self, path, resume_iter=None):
         self.path = path

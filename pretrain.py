@@ -48,7 +48,7 @@ ckpt_interval = 250  # steps between resumable checkpoints (out_dir/ckpt.pt)
 stop_at_iter = -1  # end this invocation after this step (checkpointed), e.g. for time-limited jobs
 log_interval = 10
 eval_interval = 100
-eval_batches = 8  # micro-batches per validation set (text, image-caption) and rank
+eval_batches = 8  # micro-batches per validation set (text, image-caption), over all ranks
 seed = 1337
 # model
 n_layer = 4
@@ -199,6 +199,10 @@ if world_size > 1:
 if master:
     os.makedirs(out_dir, exist_ok=True)
     log = JsonlLog(os.path.join(out_dir, "log.jsonl"), resume_iter=iter_num if init_from == "resume" else None)
+    for it, f in sorted(save_iters.items()):
+        if it > start_iter:
+            print(f"warning: save_fracs {f} (step {it}) lies after the image start (step {start_iter}); "
+                  "only text-only checkpoints are kept, so it is skipped")
     print(f"model: {raw_model.num_params('decoder'):,} decoder + {raw_model.num_params('vision'):,} vision params; "
           f"text steps 0..{start_iter - 1}, image steps {start_iter}..{total_iters - 1}; "
           f"{grad_accum * batch_size * seq_len:,} tokens per step on {world_size} rank(s), {device}")
@@ -219,7 +223,7 @@ def validation_losses():
     for name, ratio in (("val_text_loss", 0.0), ("val_caption_loss", 1.0)):
         val_loader.reset()  # the same held-out batches every time
         total = torch.zeros(2, device=device)
-        for _ in range(eval_batches):
+        for _ in range(math.ceil(eval_batches / world_size)):  # ranks read disjoint batches
             x, y, images = val_loader.next_batch(ratio)
             with autocast:
                 _, losses = raw_model(x, y, images)  # the raw module: no recompiles for eval
@@ -276,9 +280,8 @@ while True:
             stats[2 * i + 1] += (trained & rows).sum()
     image_rows += step_image_rows
     step_rows += grad_accum * batch_size
-    iter_num += 1
 
-    if iter_num % log_interval == 0 or iter_num == total_iters:
+    if iter_num % log_interval == 0 or iter_num == total_iters - 1:
         total = all_reduce_sum(stats.clone(), world_size).tolist()
         dt = time.time() - t0
         if master:
@@ -294,11 +297,13 @@ while True:
             }
             log.write(record)
             mfu = f", mfu {100 * record['mfu']:.1f}%" if peak else ""
+            text = f"text {record['text_loss']:.4f}" if record["text_loss"] is not None else "no text"
             caption = f", caption {record['caption_loss']:.4f}" if record["caption_loss"] is not None else ""
-            print(f"iter {iter_num}: loss {record['loss']:.4f} (text {record['text_loss'] or float('nan'):.4f}{caption}), "
-                  f"lr {lr:.2e}, images {record['image_share']:.3f}, {record['tokens_per_s']:,.0f} tok/s{mfu}")
+            print(f"iter {iter_num}: loss {record['loss']:.4f} ({text}{caption}), lr {lr:.2e}, "
+                  f"images {record['image_share']:.3f}, {record['tokens_per_s']:,.0f} tok/s{mfu}")
         stats.zero_()
         image_rows = step_rows = 0
+    iter_num += 1
 
 if world_size > 1:
     torch.distributed.destroy_process_group()
