@@ -123,6 +123,23 @@ def train_step(model, optimizer, micro_batches, autocast, vision_params, step_ha
     return token_losses, grad_norm
 
 
+@torch.no_grad()
+def mean_loss(raw_model, next_batch, num_batches, autocast, device, world_size):
+    """Mean loss per trained token over num_batches micro-batches of every rank, averaged over
+    all ranks. Runs the raw module: evaluating a compiled one would trigger recompiles."""
+    was_training = raw_model.training
+    raw_model.eval()
+    total = torch.zeros(2, device=device)
+    for _ in range(num_batches):
+        x, y, images = next_batch()
+        with autocast:
+            _, losses = raw_model(x, y, images)
+        total += torch.stack([losses.sum(), (y != -1).sum().float()])
+    total = all_reduce_sum(total, world_size)
+    raw_model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

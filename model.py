@@ -237,7 +237,7 @@ class VLM(nn.Module):
         """Token embeddings, with the k-th <|image|> placeholder (in reading order) replaced by
         the k-th image token: image i fills placeholders i*P .. i*P + P - 1."""
         x = self.wte(idx)
-        if images is None or images.shape[0] == 0:
+        if images is None or images.shape[0] == 0:  # a text-only batch
             return x
         image_tokens = self.vision(images).to(x.dtype).flatten(0, 1)  # [N * P, d_model]
         is_image = idx == self.config.image_token_id
@@ -317,9 +317,11 @@ class VLM(nn.Module):
 
 
 def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
-    """AdamW with weight decay on matrices only (not norms, biases or the patch position table)."""
+    """AdamW over the trainable parameters, with weight decay on matrices only (not norms,
+    biases or the patch position table)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and name != "vision.pos_embed" else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and name != "vision.pos_embed" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")

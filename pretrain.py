@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (JsonlLog, all_reduce_sum, autocast_context, check_same_settings, cosine_schedule,
-                    find_shards, load_checkpoint, load_tokenizer, peak_flops, restore_rng_state, rng_state,
+                    find_shards, load_checkpoint, load_tokenizer, mean_loss, peak_flops, restore_rng_state, rng_state,
                     save_checkpoint, setup_distributed, train_step)
 from configurator import apply_overrides
 from data.loader import PretrainLoader
@@ -215,22 +215,13 @@ def save(path):
         "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab})
 
 
-@torch.no_grad()
 def validation_losses():
-    """Mean loss on held-out text rows and on held-out image-caption rows, over all ranks."""
-    model.eval()
+    """Mean loss on held-out text rows and on held-out image-caption rows."""
     result = {}
     for name, ratio in (("val_text_loss", 0.0), ("val_caption_loss", 1.0)):
         val_loader.reset()  # the same held-out batches every time
-        total = torch.zeros(2, device=device)
-        for _ in range(math.ceil(eval_batches / world_size)):  # ranks read disjoint batches
-            x, y, images = val_loader.next_batch(ratio)
-            with autocast:
-                _, losses = raw_model(x, y, images)  # the raw module: no recompiles for eval
-            total += torch.stack([losses.sum(), (y != -1).sum().float()])
-        total = all_reduce_sum(total, world_size)
-        result[name] = (total[0] / total[1]).item()
-    model.train()
+        result[name] = mean_loss(raw_model, lambda: val_loader.next_batch(ratio),
+                                 math.ceil(eval_batches / world_size), autocast, device, world_size)
     return result
 
 

@@ -111,6 +111,12 @@ class Tokenizer:
         """A user turn followed by the assistant's role token: what a model answers from."""
         return self.encode_conversation([("user", question)])[0] + [self.assistant_id]
 
+    def token_byte_lengths(self):
+        """UTF-8 bytes of each model id's text (0 for special and padding ids), for bits per byte."""
+        cl100k = self.compact_vocab if self.compact_vocab is not None else range(self.vocab_size)
+        n_ordinary = len(self.enc._mergeable_ranks)  # ordinary ids are 0 .. n_ordinary - 1
+        return [len(self.enc.decode_single_token_bytes(i)) if i < n_ordinary else 0 for i in cl100k]
+
     @staticmethod
     def cl100k_ids_of(texts):
         """The set of cl100k ids that a collection of texts uses (to build a compact vocab)."""

@@ -1,8 +1,9 @@
 """Triton kernels for the model's hot spots, each with a plain PyTorch reference.
 
-The Triton versions run on CUDA tensors (or anywhere under TRITON_INTERPRET=1, which the
-tests use); on other devices they fall back to their reference, which is also what the
-CPU path uses. Each reference is the ground truth that tests/test_kernels.py checks against.
+Each op comes as `op` (Triton, with its own backward) and `op_reference` (plain PyTorch,
+same math and dtypes). The Triton versions run on CUDA tensors, or anywhere under
+TRITON_INTERPRET=1 (the tests); on other devices they fall back to the reference, which is
+the CPU path. tests/test_kernels.py checks both against float64 ground truth.
 """
 from .cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .rmsnorm import rms_norm, rms_norm_reference

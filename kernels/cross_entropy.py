@@ -49,26 +49,27 @@ def _chunk_loss_torch(logits, targets, scale, ignore_index, compute_grad):
 
 
 @triton.jit
-def _ce_chunk_kernel(logits_ptr, targets_ptr, losses_ptr, scale_ptr, V, ignore_index,
-                     COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_chunk_kernel(logits_ptr, targets_ptr, losses_ptr, scale_ptr, ignore_index,
+                     V: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    # V is a compile-time constant (one compile per vocabulary size): the Triton 3.6
+    # interpreter cannot loop to a runtime bound under numpy >= 2.4 (triton-lang/triton#9171).
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * V
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
+    # masked, since an ignored target (e.g. -1) is no column; a masked load reads nothing
+    target_logit = tl.load(row_ptr + target, mask=valid, other=0.0).to(tl.float32)
 
     # Pass 1: online logsumexp. Keep a running max m and the sum of exp(x - m), rescaling
     # the sum whenever m grows, so the row is read once and nothing overflows.
     m = float("-inf")
     s = 0.0
-    target_logit = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-        # picked out with a compare rather than a load: an ignored target may be negative
-        target_logit += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
     lse = m + tl.log(s)
     tl.store(losses_ptr + row, tl.where(valid, lse - target_logit, 0.0))
 
@@ -87,8 +88,8 @@ def _ce_chunk_kernel(logits_ptr, targets_ptr, losses_ptr, scale_ptr, V, ignore_i
 def _chunk_loss_triton(logits, targets, scale, ignore_index, compute_grad):
     C, V = logits.shape
     losses = torch.empty(C, device=logits.device, dtype=torch.float32)
-    _ce_chunk_kernel[(C,)](logits, targets, losses, scale, V, ignore_index,
-                           COMPUTE_GRAD=compute_grad,
+    _ce_chunk_kernel[(C,)](logits, targets, losses, scale, ignore_index,
+                           V=V, COMPUTE_GRAD=compute_grad,
                            BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
     return losses, (logits if compute_grad else None)
 
@@ -119,6 +120,7 @@ def _chunked_forward(h, weight, targets, ignore_index, chunk_size, chunk_loss,
             grad_h[start:end] = grad_logits @ weight
         if need_grad_w:
             grad_w += grad_logits.t() @ h_chunk
+        del logits, grad_logits  # free this chunk's buffer before the next one is allocated
     token_losses = torch.cat(token_losses)
     loss = token_losses.sum() * scale
     if need_grad_w:

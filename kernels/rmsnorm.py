@@ -1,10 +1,10 @@
 """RMSNorm: y = x * rsqrt(mean(x^2) + eps) * weight, over the last dimension.
 
 The math runs in float32 whatever the input dtype; the output has x's dtype.
-Forward: one program per row. Backward: at most a fixed number of programs, each walking a
-block of rows, so every program can sum its rows' weight-gradient contributions in registers
-and write one partial row; a torch sum over those few partial rows finishes the job
-(no atomics, and the result does not depend on scheduling order).
+Forward: one program per row. Backward: each program walks a block of rows, summing their
+weight-gradient contributions in registers, and writes one partial row; a torch sum over
+those few partial rows finishes the job (no atomics, and the result does not depend on
+scheduling order).
 """
 import os
 
@@ -15,9 +15,11 @@ import triton.language as tl
 # Triton needs a GPU, or the interpreter (TRITON_INTERPRET=1) that tests use on the CPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Backward programs: about four per SM on a 132-SM Hopper card. More programs give more
-# rows in flight; fewer mean a smaller [programs, D] partial buffer to sum at the end.
-_BWD_PROGRAMS = 512
+# Rows per backward program. At 16,384 rows that is 512 programs, about four per SM on a
+# 132-SM Hopper card; more rows per program would shrink the [programs, D] partial buffer
+# but leave SMs idle. A compile-time constant, since the Triton 3.6 interpreter cannot loop
+# to a runtime bound under numpy >= 2.4 (triton-lang/triton#9171).
+_ROWS_PER_PROGRAM = 32
 
 
 def rms_norm_reference(x, weight, eps):
@@ -41,7 +43,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, BLOCK_D: tl.cons
 
 @triton.jit
 def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, M, D,
-                         rows_per_program, BLOCK_D: tl.constexpr):
+                         ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr):
     # With xhat = x * rstd and y = xhat * w:
     #   dx = rstd * (dy*w - xhat * mean(dy*w*xhat)),   dw = sum over rows of dy * xhat
     pid = tl.program_id(0)
@@ -49,8 +51,8 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
     mask = cols < D
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(0, rows_per_program):
-        row = pid.to(tl.int64) * rows_per_program + i
+    for i in range(0, ROWS_PER_PROGRAM):
+        row = pid.to(tl.int64) * ROWS_PER_PROGRAM + i
         row_mask = mask & (row < M)  # the last program may run past the final row
         offs = row * D + cols
         x = tl.load(x_ptr + offs, mask=row_mask, other=0.0).to(tl.float32)
@@ -89,12 +91,12 @@ class _RMSNorm(torch.autograd.Function):
         M, D = x2.shape
         dy2 = dy.reshape(-1, D).contiguous()
         dx = torch.empty_like(x2)
-        rows_per_program = triton.cdiv(M, _BWD_PROGRAMS)
-        programs = triton.cdiv(M, rows_per_program)
+        programs = triton.cdiv(M, _ROWS_PER_PROGRAM)
         dw_partial = torch.empty(programs, D, device=x2.device, dtype=torch.float32)
         BLOCK_D = triton.next_power_of_2(D)
         _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, D,
-                                          rows_per_program, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_D))
+                                          ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM, BLOCK_D=BLOCK_D,
+                                          num_warps=_num_warps(BLOCK_D))
         dw = dw_partial.sum(0).to(weight.dtype)
         return dx.view(dy.shape), dw, None
 

@@ -1,0 +1,12 @@
+# Instruction tuning on the toy world's image conversations, a few minutes on 2 CPU cores.
+# python finetune.py config/toy_sft.py
+out_dir = "out/toy_sft"
+init_from = "out/toy/ckpt.pt"
+data_dir = "data/toyworld"
+epochs = 2
+batch_size = 16
+seq_len = 128  # a toy conversation is 16 image tokens and at most about 80 chat tokens
+learning_rate = 1e-3
+min_lr = 1e-4
+log_interval = 20
+eval_interval = 250

@@ -1,0 +1,181 @@
+"""
+Instruction tuning: a pretrained VLM learns to answer questions about images, LLaVA-style.
+Each row is one conversation: the image's placeholders, then the chat turns; the loss falls
+on the assistant's answers only (see Tokenizer.encode_conversation).
+
+    python finetune.py config/toy_sft.py
+    torchrun --standalone --nproc_per_node=8 finetune.py config/1b_sft.py --init_from=out/1b/ckpt.pt
+
+It shares pretrain.py's conventions: settings, checkpoints (init_from=resume continues
+exactly), DDP, logging to out_dir/log.jsonl.
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (JsonlLog, autocast_context, check_same_settings, cosine_schedule, find_shards, load_checkpoint,
+                    load_tokenizer, mean_loss, restore_rng_state, rng_state, save_checkpoint, setup_distributed,
+                    train_step)
+from configurator import apply_overrides
+from data.loader import ConversationLoader
+from model import VLM, ModelConfig, configure_optimizer
+
+# -----------------------------------------------------------------------------
+# defaults (config/toy_sft.py overrides them)
+out_dir = "out/finetune"
+init_from = "out/pretrain/ckpt.pt"  # a pretraining checkpoint, or "resume" (out_dir/ckpt.pt)
+data_dir = "data/toyworld"
+train_chat = "train_chat*.bin"  # conversation shard patterns inside data_dir
+val_chat = "val_chat*.bin"
+epochs = 2  # the study found 2-4 best
+batch_size = 16  # conversations per micro-batch and rank
+grad_accum = 1  # micro-batches per step over all ranks
+seq_len = 0  # positions per conversation row; 0 = the pretrained model's context length
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_frac = 0.05  # of all fine-tuning steps
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+freeze_vision = False  # keep the patch encoder and projector as pretrained
+freeze_decoder = False  # train only the patch encoder and projector
+ckpt_interval = 250
+stop_at_iter = -1
+log_interval = 10
+eval_interval = 100
+eval_batches = 8  # validation micro-batches over all ranks
+seed = 1337
+device = "auto"
+dtype = "bfloat16"
+compile = True  # CUDA only
+use_kernels = True  # CUDA only
+# -----------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+PAST_SETTINGS = ["data_dir", "train_chat", "epochs", "batch_size", "grad_accum", "seq_len", "learning_rate",
+                 "min_lr", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip", "freeze_vision",
+                 "freeze_decoder", "seed"]
+if freeze_vision and freeze_decoder:
+    raise ValueError("freeze_vision and freeze_decoder together leave nothing to train")
+
+rank, local_rank, world_size, device = setup_distributed(device)
+master = rank == 0
+device_type = torch.device(device).type
+if grad_accum % world_size:
+    raise ValueError(f"grad_accum {grad_accum} must be a multiple of the number of ranks {world_size}")
+accum_per_rank = grad_accum // world_size
+torch.manual_seed(seed)
+autocast = autocast_context(device_type, dtype)
+
+resume = init_from == "resume"
+checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else init_from, device)
+if resume:
+    check_same_settings(checkpoint, config, PAST_SETTINGS, os.path.join(out_dir, "ckpt.pt"))
+tokenizer = load_tokenizer(data_dir)
+if checkpoint.get("compact_vocab") != tokenizer.compact_vocab:
+    raise ValueError(f"{init_from} was trained with another vocabulary than {data_dir}'s")
+model_config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": use_kernels and device_type == "cuda"})
+seq_len = seq_len or model_config.block_size
+
+raw_model = VLM(model_config).to(device)
+raw_model.load_state_dict(checkpoint["model"])
+for name, p in raw_model.named_parameters():
+    is_vision = name.startswith("vision.")
+    p.requires_grad = not ((freeze_vision and is_vision) or (freeze_decoder and not is_vision))
+optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
+
+
+def make_loader(pattern, loader_rank, shuffle):
+    return ConversationLoader(find_shards(data_dir, pattern), batch_size, seq_len, model_config.tokens_per_image,
+                              tokenizer.image_id, tokenizer.eot_id, tokenizer.vocab_size, seed=seed,
+                              shuffle=shuffle, rank=loader_rank, world_size=world_size, device=device)
+
+
+train_loader = make_loader(train_chat, rank, shuffle=True)
+val_loader = make_loader(val_chat, rank, shuffle=False)
+if train_loader.image_size != (model_config.image_size,) * 2:
+    raise ValueError(f"{train_chat}: images are {train_loader.image_size}, the model expects "
+                     f"{model_config.image_size}x{model_config.image_size}")
+max_iters = epochs * math.ceil(train_loader.num_samples / (batch_size * grad_accum))
+warmup_iters = round(warmup_frac * max_iters)
+iter_num = 0
+if resume:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train_loader.load_state_dict(checkpoint["loader"])
+    restore_rng_state(checkpoint["rng"])
+    iter_num = checkpoint["iter_num"]
+pretrained_from = checkpoint.get("pretrained_from", init_from)
+del checkpoint
+
+model = raw_model
+if compile and device_type == "cuda":
+    model = torch.compile(model, dynamic=False)  # every batch has the same shapes
+if world_size > 1:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    log = JsonlLog(os.path.join(out_dir, "log.jsonl"), resume_iter=iter_num if resume else None)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    print(f"fine-tuning {pretrained_from}: {trainable:,} trainable params, {train_loader.num_samples:,} "
+          f"conversations x {epochs} epochs = {max_iters} steps")
+
+
+def save(path):
+    save_checkpoint(path, {
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
+        "rng": rng_state(), "iter_num": iter_num, "config": config, "model_config": asdict(model_config),
+        "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from})
+
+
+def validation_loss():
+    val_loader.reset()
+    return mean_loss(raw_model, val_loader.next_batch, math.ceil(eval_batches / world_size), autocast, device,
+                     world_size)
+
+
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        val = validation_loss()
+        if master:
+            log.write({"iter": iter_num, "val_chat_loss": val})
+            print(f"iter {iter_num}: val_chat_loss {val:.4f}")
+    if iter_num == max_iters or iter_num == stop_at_iter:
+        if master:
+            save(os.path.join(out_dir, "ckpt.pt"))
+        break
+    if master and iter_num > 0 and iter_num % ckpt_interval == 0:
+        save(os.path.join(out_dir, "ckpt.pt"))
+
+    t0 = time.time()
+    lr = cosine_schedule(iter_num, warmup_iters, max_iters, learning_rate, min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro_batches = [train_loader.next_batch() for _ in range(accum_per_rank)]
+    vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
+    token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params, True, grad_clip)
+    if not math.isfinite(grad_norm.item()):
+        raise SystemExit(f"iter {iter_num}: the loss or its gradient is not finite; stopping. The last good "
+                         f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if one was written).")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if master and (iter_num % log_interval == 0 or iter_num == max_iters - 1):
+        trained = sum(float((y != -1).sum()) for _, y, _ in micro_batches)
+        loss = sum(float(losses.sum()) for losses in token_losses) / max(trained, 1)  # this rank's
+        dt = time.time() - t0
+        record = {"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                  "epoch": iter_num * batch_size * grad_accum / train_loader.num_samples,
+                  "tokens_per_s": grad_accum * batch_size * seq_len / dt}
+        log.write(record)
+        print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, epoch {record['epoch']:.2f}, "
+              f"{record['tokens_per_s']:,.0f} tok/s")
+    iter_num += 1
+
+if world_size > 1:
+    torch.distributed.destroy_process_group()
