@@ -12,9 +12,9 @@ ffn_hidden = 1408
 seq_len = 2048
 image_size = 224
 patch_size = 14  # 256 image tokens per image
-vit_depth = 12
-vit_width = 768
-vit_heads = 12
+vit_depth = 6  # a patch encoder about the decoder's size
+vit_width = 512
+vit_heads = 8
 caption_len = 64  # 6 samples of 256 + 64 + 1 positions per image-caption row
 batch_size = 32
 grad_accum = 16  # 16 x 32 = 512 rows per step over all ranks
