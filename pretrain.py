@@ -173,6 +173,7 @@ raw_model = VLM(model_config).to(device)
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
 vision_params = list(raw_model.vision.parameters())
 iter_num = 0
+log_window = None
 
 if init_from != "scratch":
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
@@ -186,6 +187,7 @@ if init_from != "scratch":
     train_loader.load_state_dict(checkpoint["loader"])
     restore_rng_state(checkpoint["rng"])
     iter_num = checkpoint["iter_num"]
+    log_window = checkpoint["log_window"]
     del checkpoint
 
 model = raw_model
@@ -209,10 +211,15 @@ if master:
 
 
 def save(path):
-    save_checkpoint(path, {
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-        "loader": train_loader.state_dict(), "rng": rng_state(), "iter_num": iter_num,
-        "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab})
+    """Called on every rank: the logging window's sums are gathered so a resumed run's first
+    log record averages over the same steps as the uninterrupted run's."""
+    window = all_reduce_sum(stats.clone(), world_size).tolist()
+    if master:
+        save_checkpoint(path, {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "loader": train_loader.state_dict(), "rng": rng_state(), "iter_num": iter_num,
+            "log_window": {"stats": window, "image_rows": image_rows, "step_rows": step_rows},
+            "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab})
 
 
 def validation_losses():
@@ -229,10 +236,16 @@ def validation_losses():
 # the training loop
 flops_per_step = raw_model.flops_per_token(seq_len) * grad_accum * batch_size * seq_len
 peak = peak_flops(device)
-stats = torch.zeros(4, device=device)  # text loss sum, text targets, caption loss sum, caption targets
+# Sums over the steps since the last log record: text loss, text targets, caption loss, caption
+# targets (this rank's), and image-caption rows and all rows (every rank's).
+stats = torch.zeros(4, device=device)
 image_rows = step_rows = 0
+if log_window is not None:
+    if master:
+        stats += torch.tensor(log_window["stats"], device=device)
+    image_rows, step_rows = log_window["image_rows"], log_window["step_rows"]
 while True:
-    if master and iter_num in save_iters and iter_num <= start_iter:
+    if iter_num in save_iters and iter_num <= start_iter:
         save(os.path.join(out_dir, f"ckpt_frac{save_iters[iter_num]:.2f}.pt"))
     if iter_num % eval_interval == 0 or iter_num == total_iters:
         val = validation_losses()
@@ -240,10 +253,9 @@ while True:
             log.write({"iter": iter_num, **val})
             print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
     if iter_num == total_iters or iter_num == stop_at_iter:
-        if master:
-            save(os.path.join(out_dir, "ckpt.pt"))
+        save(os.path.join(out_dir, "ckpt.pt"))
         break
-    if master and iter_num > 0 and iter_num % ckpt_interval == 0:
+    if iter_num > 0 and iter_num % ckpt_interval == 0:
         save(os.path.join(out_dir, "ckpt.pt"))
 
     t0 = time.time()

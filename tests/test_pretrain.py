@@ -76,6 +76,14 @@ def test_resume_equals_uninterrupted(data_dir, continuous_run, tmp_path):
     assert_same_weights(weights(tmp_path / "ckpt.pt"), weights(continuous_run / "ckpt.pt"))
 
 
+def test_resume_mid_log_window_logs_the_same_averages(data_dir, tmp_path):
+    args = ["--vision_start_frac=0.5", "--image_iters=4", "--log_interval=4"]
+    pretrain(data_dir, tmp_path / "full", *args)
+    pretrain(data_dir, tmp_path / "resumed", *args, "--stop_at_iter=6")
+    pretrain(data_dir, tmp_path / "resumed", *args, "--init_from=resume")
+    assert read_log(tmp_path / "resumed") == read_log(tmp_path / "full")
+
+
 def test_branch_from_text_checkpoint_equals_continuous(data_dir, continuous_run, tmp_path):
     text_run, branch = tmp_path / "text", tmp_path / "branch"
     pretrain(data_dir, text_run, "--vision_start_frac=1.0", "--image_iters=0", "--save_fracs=(0.5, 1.0)")
