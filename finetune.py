@@ -178,4 +178,5 @@ while True:
     iter_num += 1
 
 if world_size > 1:
+    torch.distributed.barrier()  # let rank 0 finish its checkpoint before the group goes away
     torch.distributed.destroy_process_group()
