@@ -23,7 +23,7 @@ from common import (JsonlLog, autocast_context, check_same_settings, cosine_sche
                     load_tokenizer, mean_loss, restore_rng_state, rng_state, save_checkpoint, setup_distributed,
                     train_step)
 from configurator import apply_overrides
-from data.loader import ConversationLoader
+from data.loader import ConversationLoader, PretrainLoader
 from model import VLM, ModelConfig, configure_optimizer
 
 # -----------------------------------------------------------------------------
@@ -33,8 +33,10 @@ init_from = "out/pretrain/ckpt.pt"  # a pretraining checkpoint, or "resume" (out
 data_dir = "data/toyworld"
 train_chat = "train_chat*.bin"  # conversation shard patterns inside data_dir
 val_chat = "val_chat*.bin"
+train_text = "train_text*.bin"  # pretraining text, for text_rows
 epochs = 2  # the study found 2-4 best
-batch_size = 16  # conversations per micro-batch and rank
+batch_size = 16  # rows per micro-batch and rank
+text_rows = 0  # of those rows, how many are plain pretraining text (0 = conversations only, as the study)
 grad_accum = 1  # micro-batches per step over all ranks
 seq_len = 0  # positions per conversation row; 0 = the pretrained model's context length
 learning_rate = 1e-3
@@ -58,11 +60,14 @@ compile = True  # CUDA only
 use_kernels = True  # CUDA only
 # -----------------------------------------------------------------------------
 config = apply_overrides(globals(), sys.argv[1:])
-PAST_SETTINGS = ["data_dir", "train_chat", "epochs", "batch_size", "grad_accum", "seq_len", "learning_rate",
+PAST_SETTINGS = ["data_dir", "train_chat", "train_text", "text_rows", "epochs", "batch_size", "grad_accum", "seq_len", "learning_rate",
                  "min_lr", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip", "freeze_vision",
                  "freeze_decoder", "seed"]
 if freeze_vision and freeze_decoder:
     raise ValueError("freeze_vision and freeze_decoder together leave nothing to train")
+if not 0 <= text_rows < batch_size:
+    raise ValueError(f"text_rows must lie in [0, batch_size), got {text_rows} with batch_size {batch_size}")
+chat_rows = batch_size - text_rows
 
 rank, local_rank, world_size, device = setup_distributed(device)
 master = rank == 0
@@ -92,7 +97,7 @@ optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, 
 
 
 def make_loader(pattern, loader_rank, shuffle):
-    return ConversationLoader(find_shards(data_dir, pattern), batch_size, seq_len, model_config.tokens_per_image,
+    return ConversationLoader(find_shards(data_dir, pattern), chat_rows, seq_len, model_config.tokens_per_image,
                               tokenizer.image_id, tokenizer.eot_id, tokenizer.vocab_size, seed=seed,
                               shuffle=shuffle, rank=loader_rank, world_size=world_size, device=device)
 
@@ -102,12 +107,30 @@ val_loader = make_loader(val_chat, rank, shuffle=False)
 if train_loader.image_size != (model_config.image_size,) * 2:
     raise ValueError(f"{train_chat}: images are {train_loader.image_size}, the model expects "
                      f"{model_config.image_size}x{model_config.image_size}")
-max_iters = epochs * math.ceil(train_loader.num_samples / (batch_size * grad_accum))
+# Chat-only fine-tuning at a toy model's learning rates erases what pretraining taught about
+# text; a few rows of pretraining text in every batch keep it (text_rows).
+text_loader = None if text_rows == 0 else PretrainLoader(
+    find_shards(data_dir, train_text), [], text_rows, seq_len, model_config.tokens_per_image, 0, tokenizer.image_id,
+    tokenizer.eot_id, tokenizer.vocab_size, rank=rank, world_size=world_size, device=device)
+
+
+def next_batch():
+    """chat_rows conversations, then text_rows rows of plain text (no images, loss everywhere)."""
+    x, y, images = train_loader.next_batch()
+    if text_loader is not None:
+        text_x, text_y, _ = text_loader.next_batch(0.0)
+        x, y = torch.cat([x, text_x]), torch.cat([y, text_y])
+    return x, y, images
+
+
+max_iters = epochs * math.ceil(train_loader.num_samples / (chat_rows * grad_accum))
 warmup_iters = round(warmup_frac * max_iters)
 iter_num = 0
 if resume:
     optimizer.load_state_dict(checkpoint["optimizer"])
-    train_loader.load_state_dict(checkpoint["loader"])
+    train_loader.load_state_dict(checkpoint["loader"]["chat"])
+    if text_loader is not None:
+        text_loader.load_state_dict(checkpoint["loader"]["text"])
     restore_rng_state(checkpoint["rng"])
     iter_num = checkpoint["iter_num"]
 pretrained_from = checkpoint.get("pretrained_from", init_from)
@@ -128,8 +151,9 @@ if master:
 
 
 def save(path):
+    loaders = {"chat": train_loader.state_dict(), "text": text_loader.state_dict() if text_loader else None}
     save_checkpoint(path, {
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loaders,
         "rng": rng_state(), "iter_num": iter_num, "config": config, "model_config": asdict(model_config),
         "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from})
 
@@ -157,7 +181,7 @@ while True:
     lr = cosine_schedule(iter_num, warmup_iters, max_iters, learning_rate, min_lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    micro_batches = [train_loader.next_batch() for _ in range(accum_per_rank)]
+    micro_batches = [next_batch() for _ in range(accum_per_rank)]
     vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
     token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params, True, grad_clip)
     if not math.isfinite(grad_norm.item()):
@@ -170,7 +194,7 @@ while True:
         loss = sum(float(losses.sum()) for losses in token_losses) / max(trained, 1)  # this rank's
         dt = time.time() - t0
         record = {"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "epoch": iter_num * batch_size * grad_accum / train_loader.num_samples,
+                  "epoch": iter_num * chat_rows * grad_accum / train_loader.num_samples,
                   "tokens_per_s": grad_accum * batch_size * seq_len / dt}
         log.write(record)
         print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, epoch {record['epoch']:.2f}, "

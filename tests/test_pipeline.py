@@ -12,7 +12,7 @@ from tests.tiny_data import ROOT
 
 MODEL = ["--n_layer=1", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--ffn_hidden=64", "--vit_width=16",
          "--vit_heads=2"]
-SFT = ["--batch_size=8", "--seq_len=96", "--epochs=1", "--log_interval=1", "--eval_interval=5", "--eval_batches=2"]
+SFT = ["--batch_size=8", "--text_rows=2", "--seq_len=96", "--epochs=1", "--log_interval=1", "--eval_interval=5", "--eval_batches=2"]
 
 
 def run(*cmd):
