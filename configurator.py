@@ -41,6 +41,11 @@ def apply_overrides(namespace, argv):
     """Applies config files and --key=value arguments to `namespace` (a script's globals)."""
     settings = _settings(namespace)
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print("settings (override with a config file or --key=value):")
+            for key, value in settings.items():
+                print(f"  {key} = {value!r}")
+            raise SystemExit(0)
         if arg.startswith("--"):
             if "=" not in arg:
                 raise ValueError(f"argument {arg!r} must look like --key=value")

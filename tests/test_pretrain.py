@@ -150,3 +150,6 @@ def test_configurator_files_and_arguments(tmp_path):
         apply_overrides(settings, ["--flag"])
     with pytest.raises(ValueError, match="cannot read config file"):
         apply_overrides(settings, [str(tmp_path / "missing.py")])
+    with pytest.raises(SystemExit) as exit_info:  # --help lists the settings and stops
+        apply_overrides(settings, ["--help"])
+    assert exit_info.value.code == 0
