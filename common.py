@@ -58,6 +58,17 @@ def setup_distributed(device_setting):
     return 0, 0, 1, device_setting
 
 
+def setup_training(device_setting, grad_accum, seed, dtype):
+    """What every training script does first. Returns (rank, local_rank, world_size, device,
+    micro-batches per rank, autocast context); grad_accum counts micro-batches over all ranks."""
+    rank, local_rank, world_size, device = setup_distributed(device_setting)
+    if grad_accum % world_size:
+        raise ValueError(f"grad_accum {grad_accum} must be a multiple of the number of ranks {world_size}")
+    torch.manual_seed(seed)
+    autocast = autocast_context(torch.device(device).type, dtype)
+    return rank, local_rank, world_size, device, grad_accum // world_size, autocast
+
+
 def autocast_context(device_type, dtype):
     """bfloat16 autocast on CUDA, and on CPUs with AMX bf16 units (there it is about 2x faster
     than float32, see DESIGN.md); plain float32 elsewhere or when dtype = 'float32'."""

@@ -19,8 +19,8 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (JsonlLog, autocast_context, check_same_settings, cosine_schedule, find_shards, load_checkpoint,
-                    load_tokenizer, mean_loss, restore_rng_state, rng_state, save_checkpoint, setup_distributed,
+from common import (JsonlLog, check_same_settings, cosine_schedule, find_shards, load_checkpoint,
+                    load_tokenizer, mean_loss, restore_rng_state, rng_state, save_checkpoint, setup_training,
                     train_step)
 from configurator import apply_overrides
 from data.loader import ConversationLoader, PretrainLoader
@@ -69,14 +69,9 @@ if not 0 <= text_rows < batch_size:
     raise ValueError(f"text_rows must lie in [0, batch_size), got {text_rows} with batch_size {batch_size}")
 chat_rows = batch_size - text_rows
 
-rank, local_rank, world_size, device = setup_distributed(device)
+rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
 master = rank == 0
 device_type = torch.device(device).type
-if grad_accum % world_size:
-    raise ValueError(f"grad_accum {grad_accum} must be a multiple of the number of ranks {world_size}")
-accum_per_rank = grad_accum // world_size
-torch.manual_seed(seed)
-autocast = autocast_context(device_type, dtype)
 
 resume = init_from == "resume"
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else init_from, device)

@@ -26,9 +26,9 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (JsonlLog, all_reduce_sum, autocast_context, check_same_settings, cosine_schedule,
+from common import (JsonlLog, all_reduce_sum, check_same_settings, cosine_schedule,
                     find_shards, load_checkpoint, load_tokenizer, mean_loss, peak_flops, restore_rng_state, rng_state,
-                    save_checkpoint, setup_distributed, train_step)
+                    save_checkpoint, setup_training, train_step)
 from configurator import apply_overrides
 from data.loader import PretrainLoader
 from model import VLM, ModelConfig, configure_optimizer
@@ -109,14 +109,9 @@ def check_settings():
 
 
 check_settings()
-rank, local_rank, world_size, device = setup_distributed(device)
+rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
 master = rank == 0
 device_type = torch.device(device).type
-if grad_accum % world_size:
-    raise ValueError(f"grad_accum {grad_accum} must be a multiple of the number of ranks {world_size}")
-accum_per_rank = grad_accum // world_size
-torch.manual_seed(seed)
-autocast = autocast_context(device_type, dtype)
 
 start_iter = round(vision_start_frac * max_iters)  # the first step that sees images
 total_iters = start_iter + image_iters
