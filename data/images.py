@@ -1,0 +1,36 @@
+"""
+Images as the model sees them: RGB, uint8, resized straight to a square.
+
+Every path that turns a picture into model input goes through load_image: the data preparers
+(captions, conversations, benchmarks) and sample.py. Training and inference therefore see
+pictures prepared by one rule:
+  - decode with Pillow and convert to RGB (greyscale, palette, CMYK and alpha images too);
+  - resize the whole picture to size x size with bicubic interpolation, no crop and no
+    padding, so wide pictures are squeezed. This is how SigLIP was trained and how its
+    Hugging Face image processor prepares inputs (do_resize to 224 x 224, bicubic, no crop).
+Scaling to [-1, 1] (SigLIP's mean 0.5, std 0.5) happens inside the model, on the GPU.
+"""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def load_image(source, size):
+    """A picture (a file path, its encoded bytes, or a PIL image) as uint8 [size, size, 3].
+    Raises ValueError naming the source when Pillow cannot read it."""
+    name = source if isinstance(source, str) else f"<{type(source).__name__}>"
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(source))
+        else:
+            image = Image.open(source)
+        image = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: not a readable image ({e})") from None
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).copy()
