@@ -309,3 +309,25 @@ def test_evaluate_scores_the_benchmark_tasks(prepared, tmp_path):
     for name in prepare.TASKS:
         assert f"| {name} |" in table
     assert report["vision_avg"] is not None and report["text_avg"] is not None
+
+
+def test_download_asks_for_only_the_tasks_files_at_the_pinned_revision(tmp_path, monkeypatch):
+    import shutil
+    import huggingface_hub
+    hub, calls = make_hub(tmp_path / "hub"), []
+
+    def snapshot_download(repo_id, repo_type, revision, allow_patterns, cache_dir):  # the Hub, offline
+        calls.append((repo_id, repo_type, revision, allow_patterns))
+        snapshot = tmp_path / "cache" / repo_id / "snapshots" / f"commit-of-{revision}"
+        shutil.copytree(hub / repo_id, snapshot, dirs_exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    prepare.main([f"--out_dir={tmp_path / 'out'}", f"--image_size={SIZE}", "--workers=1", "--tasks=gqa,piqa",
+                  "--revision=piqa=0123abc"])
+    assert calls == [
+        ("lmms-lab/GQA", "dataset", prepare.TASKS["gqa"]["revision"],
+         ["testdev_balanced_instructions/testdev-*.parquet", "testdev_balanced_images/testdev-*.parquet"]),
+        ("baber/piqa", "dataset", "0123abc", ["piqa_validation.parquet"])]
+    piqa = json.loads((tmp_path / "out" / "eval_piqa.json").read_text())
+    assert piqa["source"]["commit"] == "commit-of-0123abc" and piqa["source"]["files"] == ["piqa_validation.parquet"]

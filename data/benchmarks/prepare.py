@@ -151,8 +151,10 @@ def piqa_item(row):
 
 
 # ----------------------------------------------------------------------------------------------
-# The benchmarks. revision: the commit every download is pinned to (--revision NAME=COMMIT
-# changes one). columns: what the item function reads, checked in every file before reading.
+# The benchmarks. revision: the commit a download is pinned to (--revision NAME=COMMIT changes
+# one). Three say "main": no full commit id of theirs could be confirmed when this was written;
+# every task records the commit it was actually built from in its "source", so a run can be
+# repeated exactly with --revision. columns: what the item function reads, checked in every file.
 
 TASKS = {
     "vqav2": dict(
@@ -161,7 +163,7 @@ TASKS = {
         item=vqav2_item, modality="vision", kind="open",
         harness="lmms-eval vqav2_val: generate_until, max_new_tokens 16; VQA soft accuracy over 10 answers"),
     "gqa": dict(
-        repo="lmms-lab/GQA", revision="6ac3999af690e1f5631e2bf1efcf51e9a9afee4b",
+        repo="lmms-lab/GQA", revision="388eadb3fad5cc6818bf6e2ac7a64d809c6e59e7",
         files=["testdev_balanced_instructions/testdev-*.parquet"], columns=["id", "imageId", "question", "answer"],
         # the questions name their picture by imageId; the pictures are a second config
         image_table=dict(files=["testdev_balanced_images/testdev-*.parquet"], key="id", ref="imageId"),
@@ -209,17 +211,19 @@ TASKS = {
 # Reading parquet
 
 def repo_folder(args, spec):
-    """The folder holding the task's repository files: under --local_dir, or a pinned download."""
+    """(folder holding the task's repository files, the commit they are from): under --local_dir,
+    or downloaded (only the files the task reads) at the pinned revision."""
     if args.local_dir:
         folder = os.path.join(args.local_dir, spec["repo"])
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--local_dir: {folder} does not exist (expected {spec['repo']}'s files there, "
                                     f"laid out as in the Hub repository)")
-        return folder
+        return folder, "local"
     from huggingface_hub import snapshot_download
     patterns = spec["files"] + spec.get("image_table", {}).get("files", [])
-    return snapshot_download(spec["repo"], repo_type="dataset", revision=spec["revision"], allow_patterns=patterns,
-                             cache_dir=args.cache_dir or None)
+    folder = snapshot_download(spec["repo"], repo_type="dataset", revision=spec["revision"], allow_patterns=patterns,
+                               cache_dir=args.cache_dir or None)
+    return folder, os.path.basename(folder)  # the cache keeps each snapshot in a folder named by its commit
 
 
 def find_files(folder, patterns):
@@ -279,7 +283,7 @@ class Progress:
 
 def build_task(name, spec, args):
     """Reads the task's rows, keeps the usable ones, and writes its pictures. Returns (task, skipped)."""
-    folder = repo_folder(args, spec)
+    folder, commit = repo_folder(args, spec)
     files = find_files(folder, spec["files"])
     vision = spec["modality"] == "vision"
     skipped = Counter()
@@ -336,7 +340,7 @@ def build_task(name, spec, args):
     if not items:
         raise ValueError(f"{name}: no usable rows in {', '.join(files)} (skipped: {dict(skipped)})")
     task["description"] = f"{spec['repo']} {', '.join(spec['files'])}; {spec['harness']}"
-    task["source"] = {"repo": spec["repo"], "revision": spec["revision"], "rows": n_rows,
+    task["source"] = {"repo": spec["repo"], "revision": spec["revision"], "commit": commit, "rows": n_rows,
                       "files": [os.path.relpath(f, folder) for f in files]}
     if name == "vqav2" and args.vqav2_subset > 0:
         task["source"]["subset"] = {"questions": args.vqav2_subset, "seed": args.subset_seed}
