@@ -39,8 +39,8 @@ VQAv2's validation split is large (214k questions on 40k pictures, 6 GB at 224 p
 --vqav2_subset=N keeps N questions drawn uniformly, without replacement, by a random.Random(
 --subset_seed) sample of the usable rows' positions in the split's files (sorted by name) at the
 pinned revision: the same N, seed and revision always give the same questions (fewer if one of
-their pictures does not decode). --max_samples=N keeps the first N
-rows of every task instead, for a quick look.
+their pictures does not decode). --max_samples=N keeps the first N rows of every task instead,
+for a quick look.
 """
 
 import argparse
@@ -138,7 +138,7 @@ def hellaswag_item(row):
     label = row.get("label")
     if not (isinstance(label, str) and label.isdigit() and int(label) < len(endings)):
         raise Skip("label names no ending")
-    context = row.get("ctx_a", "") + " " + (row.get("ctx_b") or "").capitalize()
+    context = (row.get("ctx_a") or "") + " " + (row.get("ctx_b") or "").capitalize()
     return {"id": row["ind"], "prompt": hellaswag_clean(text_of(row, "activity_label") + ": " + context),
             "options": [hellaswag_clean(e) for e in endings], "answer": int(label)}
 
@@ -282,7 +282,7 @@ class Progress:
 
 
 def build_task(name, spec, args):
-    """Reads the task's rows, keeps the usable ones, and writes its pictures. Returns (task, skipped)."""
+    """Reads the task's rows, keeps the usable ones and writes their pictures; returns the task."""
     folder, commit = repo_folder(args, spec)
     files = find_files(folder, spec["files"])
     vision = spec["modality"] == "vision"
@@ -422,7 +422,8 @@ def main(argv=None):
     names = [n for n in args.tasks.split(",") if n]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise ValueError(f"--tasks: unknown task {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"--tasks: unknown task {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(TASKS)}")
     if args.image_size < 8:
         raise ValueError(f"--image_size must be at least 8, got {args.image_size}")
     specs = {n: dict(TASKS[n]) for n in names}
