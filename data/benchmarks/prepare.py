@@ -155,6 +155,7 @@ def piqa_item(row):
 # one). Three say "main": no full commit id of theirs could be confirmed when this was written;
 # every task records the commit it was actually built from in its "source", so a run can be
 # repeated exactly with --revision. columns: what the item function reads, checked in every file.
+# (lmms-eval's newest task files read copies of the lmms-lab sets under lmms-lab-encoder/.)
 
 TASKS = {
     "vqav2": dict(
