@@ -29,7 +29,9 @@ def add_hub_args(parser, repo_id, revision):
     parser.add_argument("--revision", default=revision, help="commit, tag or branch to download")
     parser.add_argument("--local_dir", default="", help="read the files from this folder, laid out like the "
                         "Hub repository, instead of downloading them")
-    parser.add_argument("--cache_dir", default=None, help="huggingface_hub's download cache (default: its own)")
+    parser.add_argument("--download_dir", default="", help="where downloaded files go (default: OUT_DIR/downloads)")
+    parser.add_argument("--keep_downloads", action="store_true", help="keep each downloaded file after its shard "
+                        "is written (by default it is deleted, so the disk holds shards and a few downloads)")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="worker processes")
 
 
@@ -57,7 +59,14 @@ def fetch(args, path):
     if args.local_dir:
         return os.path.join(args.local_dir, path)
     from huggingface_hub import hf_hub_download
-    return hf_hub_download(args.repo_id, path, repo_type="dataset", revision=args.revision, cache_dir=args.cache_dir)
+    return hf_hub_download(args.repo_id, path, repo_type="dataset", revision=args.revision,
+                           local_dir=args.download_dir or os.path.join(args.out_dir, "downloads"))
+
+
+def done_with(args, local):
+    """Deletes a downloaded file once its shard is written (never a file of --local_dir)."""
+    if not args.local_dir and not args.keep_downloads:
+        os.remove(local)
 
 
 def _call(job):

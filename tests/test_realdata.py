@@ -218,3 +218,30 @@ def test_prepared_hub_data_pretrains_and_finetunes(tmp_path, wds_repo):
     run("finetune.py", "config/toy_sft.py", f"--data_dir={chats}", f"--init_from={out / 'ckpt.pt'}",
         f"--out_dir={sft}", "--text_rows=0", "--batch_size=2", "--seq_len=32", "--epochs=1", "--eval_interval=1", "--eval_batches=1")
     assert (sft / "ckpt.pt").exists()
+
+
+def test_downloads_only_matching_files_at_the_pinned_revision_and_deletes_them(wds_repo, tmp_path, monkeypatch):
+    """The Hub path with huggingface_hub replaced by a fake that serves the fixture repository."""
+    import shutil
+
+    import huggingface_hub
+    calls = tmp_path / "calls.txt"
+
+    def list_repo_files(repo_id, repo_type, revision):
+        return sorted(os.listdir(wds_repo)) + ["README.md", "_info.json"]
+
+    def hf_hub_download(repo_id, filename, repo_type, revision, local_dir):
+        with open(calls, "a") as f:  # runs in the worker processes: the file is how we hear of it
+            f.write(f"{repo_id} {repo_type} {revision} {filename}\n")
+        os.makedirs(local_dir, exist_ok=True)
+        return shutil.copy(wds_repo / filename, os.path.join(local_dir, filename))
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    out = tmp_path / "out"
+    cc3m.main([f"--out_dir={out}", "--image_size=16", "--num_proc=2"])
+    repo_id, revision = cc3m.DATASETS["cc3m"][:2]
+    assert sorted(calls.read_text().splitlines()) == [
+        f"{repo_id} dataset {revision} {name}" for name in sorted(os.listdir(wds_repo))]
+    assert os.listdir(out / "downloads") == []
+    assert read_shard(out / "train_caption_00001.bin").num_samples == 4

@@ -33,7 +33,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.hub import add_hub_args, fetch, list_files, report, run_jobs  # noqa: E402
+from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
 from data.images import load_image  # noqa: E402
 from data.shards import write_conversation_shard  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
@@ -91,6 +91,7 @@ def convert_file(args, path, out_path, val_path):
         images, ids, masks = splits[split]
         images = np.stack(images) if images else np.zeros((0, args.image_size, args.image_size, 3), np.uint8)
         write_conversation_shard(out, images, ids, masks, tok.vocab_size)
+    done_with(args, local)
     return skipped
 
 

@@ -26,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.hub import add_hub_args, fetch, list_files, report, run_jobs  # noqa: E402
+from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
 from data.images import load_image  # noqa: E402
 from data.shards import write_image_caption_shard  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
@@ -78,6 +78,7 @@ def convert_tar(args, path, out_path):
                 continue
             captions.append(tok.encode(caption))
     write_image_caption_shard(out_path, images[:len(captions)], captions, tok.vocab_size)
+    done_with(args, local)
     return skipped
 
 

@@ -20,7 +20,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.hub import add_hub_args, fetch, list_files, report, run_jobs  # noqa: E402
+from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
 from data.shards import write_text_shard  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 
@@ -49,6 +49,7 @@ def tokenize_file(args, path, out_path):
                 continue
             chunks.append(np.array(tok.encode(text) + [tok.eot_id], dtype=np.uint32))
     write_text_shard(out_path, np.concatenate(chunks) if chunks else np.zeros(0, np.uint32), tok.vocab_size)
+    done_with(args, local)
     return skipped
 
 
