@@ -89,7 +89,7 @@ def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens"):
             except ShardError:
                 pass  # cannot happen to a shard we renamed into place; redo it anyway
     todo = [i for i in range(len(jobs)) if i not in finished]
-    total, skipped, start = 0, Counter(), time.time()
+    total, skipped, start, stop = 0, Counter(), time.time(), len(jobs)
     pool = Pool(max(1, min(num_proc, len(todo)))) if todo else None
     try:
         results = pool.imap(_call, [(worker, jobs[i][1]) for i in todo]) if pool else iter(())
@@ -99,20 +99,22 @@ def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens"):
             else:
                 skipped += next(results)
                 total += size_of(read_shard(out_path))
-            elapsed = time.time() - start
             print(f"\r{i + 1}/{len(jobs)} files, {total:,} {unit} ({len(finished)} shards already there), "
-                  f"{elapsed:.0f} s", end="", file=sys.stderr, flush=True)
+                  f"{time.time() - start:.0f} s", end="", file=sys.stderr, flush=True)
             if budget and total >= budget:
+                stop = i + 1
                 break
     finally:
         print(file=sys.stderr)
         if pool:
             pool.terminate()
             pool.join()
-    later = [jobs[j][0] for j in todo if j > i]
-    for path in later + sum((glob.glob(f"{p}.tmp*") for p, _ in jobs), []):
-        if os.path.exists(path):
-            os.remove(path)  # a cancelled job's shard or a killed worker's temporary file
+        for folder in {os.path.dirname(out_path) for out_path, _ in jobs}:
+            for name in fnmatch.filter(os.listdir(folder), "*.bin.tmp*"):
+                os.remove(os.path.join(folder, name))  # a killed worker's unfinished shard
+    for j in todo:
+        if j >= stop and os.path.exists(jobs[j][0]):
+            os.remove(jobs[j][0])  # written by a job that the budget cancelled
     return total, skipped
 
 
