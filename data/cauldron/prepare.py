@@ -6,8 +6,9 @@ for finetune.py (config/1b_sft.py).
     python data/cauldron/prepare.py --subsets=vqav2,aokvqa --max_samples=100000
     python data/cauldron/prepare.py --local_dir=DIR                   # files already on disk
 
-Why the_cauldron and not LLaVA-Instruct-150K: LLaVA's JSON names COCO train2017 pictures that the
-Hub does not carry in the repository (they come from cocodataset.org, an 18 GB zip), while each of
+Why the_cauldron and not LLaVA-Instruct-150K: LLaVA's JSON names COCO train2017 pictures that its
+repository does not carry (cocodataset.org's 19 GB zip, on the Hub only as individuals' re-uploads,
+so a second, unofficial download and a join by file name), while each of
 the_cauldron's ~50 subsets is a folder {subset}/train-*.parquet whose rows carry their pictures:
 column `images` (a list of struct<bytes: binary, path: string>) and column `texts` (a list of
 struct<user, assistant, source>, one per turn). One source, one download rule, one pinned revision.
