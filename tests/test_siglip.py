@@ -187,3 +187,33 @@ def test_a_frozen_tower_stays_bit_identical_while_the_projector_trains(tiny_fold
     loss.backward()
     assert all(p.grad is None for p in model.vision.encoder.parameters())
     assert all(p.grad is not None and (p.grad == 0).all() for p in model.vision.projector.parameters())
+
+
+def test_pretrain_loads_and_freezes_the_tower_and_its_checkpoint_carries_it(tmp_path):
+    from tests.test_pretrain import pretrain, weights
+    from tests.tiny_data import make_tiny_dataset
+    (tmp_path / "data").mkdir()
+    data_dir = str(make_tiny_dataset(tmp_path / "data"))
+    folder = tmp_path / "siglip"
+    save_full_siglip(folder, dict(TINY_VISION, image_size=32, patch_size=16))  # the tiny data's 32x32 images
+    tower = {k: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("vision_model.")}
+    args = [f"--vision_encoder={folder}", "--image_size=32", "--patch_size=16", "--freeze_vision=True",
+            "--qk_norm=True", "--vision_start_frac=0.5", "--image_iters=3"]
+    pretrain(data_dir, tmp_path / "run", *args, "--stop_at_iter=6")
+    checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert checkpoint["model_config"]["vision_encoder"] == "siglip" and checkpoint["model_config"]["qk_norm"]
+    model = checkpoint["model"]
+    assert torch.equal(model["vision.encoder.pos_embed"], tower["vision_model.embeddings.position_embedding.weight"])
+    assert torch.equal(model["vision.encoder.blocks.1.fc2.weight"], tower["vision_model.encoder.layers.1.mlp.fc2.weight"])
+    assert "vision.encoder.blocks.2.fc2.weight" not in model  # the last block feeds nothing
+    # the checkpoint carries the tower: resuming reads no weights file (config.json still sets the shape)
+    os.remove(folder / "model.safetensors")
+    pretrain(data_dir, tmp_path / "run", *args, "--init_from=resume")
+    after = weights(tmp_path / "run" / "ckpt.pt")
+    for k in model:
+        if k.startswith("vision.encoder."):
+            assert torch.equal(after[k], model[k]), k  # frozen through the image steps
+        elif k.startswith("vision.projector."):
+            assert not torch.equal(after[k], model[k]), k  # trained
+    bad = pretrain(data_dir, tmp_path / "bad", *args[:1], "--image_size=32", "--patch_size=8", check=False)
+    assert bad.returncode != 0 and "patch_size is 8, but the vision encoder" in bad.stderr
