@@ -479,15 +479,14 @@ def siglip_config(folder):
     if config.get("model_type") not in ("siglip", "siglip_vision_model"):
         raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not a SigLIP model")
     vision = config.get("vision_config", config)
-    # The Hub's config.json leaves out every value equal to transformers' SiglipVisionConfig
-    # defaults (base-patch16-224's vision_config lists none), so those defaults fill the gaps.
-    value = lambda key, default: vision.get(key, default)
-    if value("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+    # A Hub config.json may leave out values equal to transformers' SiglipVisionConfig
+    # defaults (SigLIP-B/16 at 224's), so those defaults fill any gap.
+    if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ValueError(f"{path}: hidden_act {vision['hidden_act']!r}; SiglipBlock implements GELU (tanh) only")
-    fields = dict(vision_encoder="siglip", image_size=value("image_size", 224), patch_size=value("patch_size", 16),
-                  siglip_width=value("hidden_size", 768), siglip_depth=value("num_hidden_layers", 12),
-                  siglip_heads=value("num_attention_heads", 12), siglip_mlp=value("intermediate_size", 3072),
-                  siglip_eps=value("layer_norm_eps", 1e-6))
+    fields = dict(vision_encoder="siglip", image_size=vision.get("image_size", 224),
+                  patch_size=vision.get("patch_size", 16), siglip_width=vision.get("hidden_size", 768),
+                  siglip_depth=vision.get("num_hidden_layers", 12), siglip_heads=vision.get("num_attention_heads", 12),
+                  siglip_mlp=vision.get("intermediate_size", 3072), siglip_eps=vision.get("layer_norm_eps", 1e-6))
     # A vision-only folder saved without its image processor keeps ModelConfig's default
     # normalisation, which is SigLIP's (mean 0.5, std 0.5).
     processor = os.path.join(folder, "preprocessor_config.json")
