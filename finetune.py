@@ -46,8 +46,8 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-freeze_vision = False  # keep the patch encoder and projector as pretrained
-freeze_decoder = False  # train only the patch encoder and projector
+freeze_vision = False  # keep the vision encoder as pretrained; the projector still trains (Prismatic's recipe)
+freeze_decoder = False  # train only the vision encoder and projector
 ckpt_interval = 250
 stop_at_iter = -1
 log_interval = 10
@@ -87,7 +87,7 @@ raw_model = VLM(model_config).to(device)
 raw_model.load_state_dict(checkpoint["model"])
 for name, p in raw_model.named_parameters():
     is_vision = name.startswith("vision.")
-    p.requires_grad = not ((freeze_vision and is_vision) or (freeze_decoder and not is_vision))
+    p.requires_grad = not ((freeze_vision and name.startswith("vision.encoder.")) or (freeze_decoder and not is_vision))
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
 
 

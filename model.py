@@ -1,23 +1,30 @@
 """
-The vision-language model: a decoder-only transformer that reads text, and a patch encoder
-whose outputs take the place of the <|image|> placeholder tokens in the sequence.
+The vision-language model: a decoder-only transformer that reads text, and a vision encoder
+plus MLP projector whose outputs take the place of the <|image|> placeholder tokens.
 
-    images [N, H, W, 3] --PatchEncoder--> [N, P, d_model] --+
+    images [N, H, W, 3] --encoder--> [N, P, width] --projector--> [N, P, d_model] --+
     tokens [B, T] --embedding--> [B, T, d_model] --(placeholders replaced)--> decoder --> head
 
+The encoder is either a PatchEncoder trained from scratch (the toy default; at depth 0 the
+study's plain patch projection, its ablation) or a pretrained SigLIP tower loaded from the
+Hugging Face Hub (the study's model, usually frozen): see load_siglip.
 The decoder is Llama-style: RMSNorm, rotary position embeddings, SwiGLU, optional grouped-query
-attention, causal scaled_dot_product_attention. An image row therefore reads its P image
-tokens, then its caption, under plain causal attention, as in the study (DESIGN.md).
+attention and qk-norm, causal scaled_dot_product_attention. An image row therefore reads its P
+image tokens, then its caption, under plain causal attention, as in the study (Keh et al. 2025).
 The row-wise and elementwise ops and the fused head + cross-entropy come from kernels/: the
 Triton versions when config.use_kernels is on, their plain PyTorch references otherwise.
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
 
 import kernels
 
@@ -34,12 +41,29 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    # the patch encoder
+    qk_norm: bool = False  # normalise queries and keys before attention, as OpenLM (see Attention)
+    # the vision encoder: "patches" (a PatchEncoder trained from scratch) or "siglip"
+    vision_encoder: str = "patches"
     image_size: int = 32
     patch_size: int = 8
-    vit_depth: int = 0  # 0 = the study's plain patch projection
+    # PatchEncoder: vit_depth bidirectional blocks (0 = the study's plain patch projection)
+    vit_depth: int = 0
     vit_width: int = 256
     vit_heads: int = 4
+    # SigLIP: the tower's shape, copied from its checkpoint's config.json by siglip_config(),
+    # so that a checkpoint of ours rebuilds the tower without downloading anything
+    siglip_width: int = 768
+    siglip_depth: int = 12  # blocks in the pretrained tower
+    siglip_heads: int = 12
+    siglip_mlp: int = 3072
+    siglip_eps: float = 1e-6
+    # Which block's patch features feed the projector, counted like Hugging Face's
+    # hidden_states: -1 the last block's output, -2 the one before (Prismatic, the study's
+    # VLM codebase). Blocks after it are never built.
+    siglip_feature_layer: int = -2
+    # uint8 pixels are scaled to [0, 1], then normalised per channel (SigLIP: 0.5, 0.5 -> [-1, 1])
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
     image_token_id: int = 100261
     use_kernels: bool = False  # Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1)
 
@@ -72,18 +96,29 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, causal, ops):
+    def __init__(self, dim, n_head, n_kv_head, causal, ops, qk_norm=False, eps=1e-5):
         super().__init__()
         assert dim % n_head == 0 and n_head % n_kv_head == 0
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
         self.causal, self.ops = causal, ops
         self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            # qk-norm as OpenLM (mlfoundations/open_lm, CustomAttn) applies it: one LayerNorm
+            # with a gain and no bias (DCLM's "gain_only_lp_layer_norm") over all heads'
+            # queries together, one over the keys, before rotary. It bounds the attention
+            # logits, which is what lets the study's decoder train at a peak LR of 1e-2.
+            self.q_norm = nn.LayerNorm(n_head * self.head_dim, eps=eps, bias=False)
+            self.k_norm = nn.LayerNorm(n_kv_head * self.head_dim, eps=eps, bias=False)
 
     def forward(self, x, rope=None, cache=None):
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
         if rope is not None:
             cos, sin = rope
             q, k = self.ops.apply_rotary(q, cos, sin), self.ops.apply_rotary(k, cos, sin)
@@ -111,10 +146,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, hidden, eps, causal, ops):
+    def __init__(self, dim, n_head, n_kv_head, hidden, eps, causal, ops, qk_norm=False):
         super().__init__()
         self.norm1 = RMSNorm(dim, eps, ops)
-        self.attn = Attention(dim, n_head, n_kv_head, causal, ops)
+        self.attn = Attention(dim, n_head, n_kv_head, causal, ops, qk_norm, eps)
         self.norm2 = RMSNorm(dim, eps, ops)
         self.mlp = MLP(dim, hidden, ops)
 
@@ -123,36 +158,116 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class Pixels(nn.Module):
+    """uint8 images [N, H, W, 3] to the encoder's normalised float input."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(config.image_mean) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(config.image_std) * 255, persistent=False)
+
+    def forward(self, images):
+        return (images.float() - self.mean) / self.std
+
+
 class PatchEncoder(nn.Module):
-    """Images to decoder-width embeddings: cut into patches, embed each linearly, run
-    vit_depth bidirectional blocks over them, then an MLP projector. With vit_depth = 0 this
-    is the study's plain patch projection."""
+    """Trained from scratch: cut images into patches, embed each linearly, run vit_depth
+    bidirectional blocks over them. With vit_depth = 0 this is the study's plain patch
+    projection. Returns [N, P, vit_width]."""
 
     def __init__(self, config, ops):
         super().__init__()
         c = config
         if c.image_size % c.patch_size:
             raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
-        self.patch_size = c.patch_size
+        self.patch_size, self.width = c.patch_size, c.vit_width
+        self.pixels = Pixels(c)
         self.patch_embed = nn.Linear(3 * c.patch_size ** 2, c.vit_width)
         self.pos_embed = nn.Parameter(torch.zeros(c.tokens_per_image, c.vit_width))
         self.blocks = nn.ModuleList(
             Block(c.vit_width, c.vit_heads, c.vit_heads, 4 * c.vit_width, c.norm_eps, False, ops)
             for _ in range(c.vit_depth))
         self.norm = RMSNorm(c.vit_width, c.norm_eps, ops)
-        self.projector = nn.Sequential(nn.Linear(c.vit_width, c.n_embd), nn.GELU(),
-                                       nn.Linear(c.n_embd, c.n_embd))
 
     def forward(self, images):
         N, H, W, _ = images.shape
         p = self.patch_size
-        x = images.float() / 127.5 - 1.0  # uint8 -> [-1, 1]
+        x = self.pixels(images)
         # [N, H, W, 3] -> [N, (H/p)*(W/p), p*p*3]: patches in reading order
         x = x.view(N, H // p, p, W // p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(N, -1, p * p * 3)
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.projector(self.norm(x))
+        return self.norm(x)
+
+
+class SiglipBlock(nn.Module):
+    """One block of SigLIP's vision tower: pre-LayerNorm (with bias), biased multi-head
+    attention over all patches, and a GELU (tanh) MLP. Module names follow the Hub
+    checkpoint's, so load_siglip's mapping stays short."""
+
+    def __init__(self, width, heads, mlp_width, eps):
+        super().__init__()
+        self.heads = heads
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
+        self.v_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, width)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.fc1, self.fc2 = nn.Linear(width, mlp_width), nn.Linear(mlp_width, width)
+
+    def forward(self, x):
+        N, P, W = x.shape
+        h = self.layer_norm1(x)
+        q, k, v = (proj(h).view(N, P, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        x = x + self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, P, W))
+        return x + self.fc2(F.gelu(self.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class SiglipEncoder(nn.Module):
+    """SigLIP's vision tower up to siglip_feature_layer: a patch convolution (the image's
+    border beyond a whole number of patches is dropped, as in SigLIP: 384 / 14 gives 27 x 27),
+    a learnt position table, then the blocks. No CLS token. Returns [N, P, siglip_width]:
+    the chosen block's patch features, without the final LayerNorm (as Prismatic takes them)."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        used = c.siglip_feature_layer if c.siglip_feature_layer >= 0 else c.siglip_depth + 1 + c.siglip_feature_layer
+        if not 1 <= used <= c.siglip_depth:
+            raise ValueError(f"siglip_feature_layer {c.siglip_feature_layer} picks no block of a "
+                             f"{c.siglip_depth}-block tower (use 1..{c.siglip_depth}, or -1..-{c.siglip_depth})")
+        self.width, self.depth = c.siglip_width, c.siglip_depth
+        self.pixels = Pixels(c)
+        self.patch_embed = nn.Conv2d(3, c.siglip_width, c.patch_size, stride=c.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(c.tokens_per_image, c.siglip_width))
+        self.blocks = nn.ModuleList(SiglipBlock(c.siglip_width, c.siglip_heads, c.siglip_mlp, c.siglip_eps)
+                                    for _ in range(used))
+
+    def forward(self, images):
+        x = self.pixels(images).permute(0, 3, 1, 2)  # [N, 3, H, W]
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # patches in reading order
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Vision(nn.Module):
+    """Images to decoder-width embeddings [N, P, d_model]: the encoder, then an MLP projector
+    (Linear, GELU, Linear: Prismatic's "gelu-mlp"). freeze_vision freezes the encoder only."""
+
+    def __init__(self, config, ops):
+        super().__init__()
+        if config.vision_encoder == "siglip":
+            self.encoder = SiglipEncoder(config)
+        elif config.vision_encoder == "patches":
+            self.encoder = PatchEncoder(config, ops)
+        else:
+            raise ValueError(f"vision_encoder must be 'patches' or 'siglip', got {config.vision_encoder!r}")
+        self.projector = nn.Sequential(nn.Linear(self.encoder.width, config.n_embd), nn.GELU(),
+                                       nn.Linear(config.n_embd, config.n_embd))
+
+    def forward(self, images):
+        return self.projector(self.encoder(images))
 
 
 class KVCache:
@@ -193,15 +308,19 @@ class VLM(nn.Module):
         self.ops = ops = Ops(c.use_kernels)
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.blocks = nn.ModuleList(
-            Block(c.n_embd, c.n_head, c.n_kv_head, c.ffn_hidden, c.norm_eps, True, ops) for _ in range(c.n_layer))
+            Block(c.n_embd, c.n_head, c.n_kv_head, c.ffn_hidden, c.norm_eps, True, ops, c.qk_norm)
+            for _ in range(c.n_layer))
         self.norm_f = RMSNorm(c.n_embd, c.norm_eps, ops)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.vision = PatchEncoder(c, ops)
+        self.vision = Vision(c, ops)
         cos, sin = rotary_tables(c.n_embd // c.n_head, c.block_size, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Random initialisation happens here, at construction, and only here: pretrained
+        # weights (load_siglip, a checkpoint's state dict) are loaded afterwards, so nothing
+        # ever overwrites them.
         self.apply(self._init_weights)
         # GPT-2's trick: scale the residual branches' output layers so the residual stream's
         # variance does not grow with depth.
@@ -209,7 +328,7 @@ class VLM(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 depth = c.n_layer if name.startswith("blocks.") else max(c.vit_depth, 1)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
-        nn.init.normal_(self.vision.pos_embed, mean=0.0, std=0.02)
+        nn.init.normal_(self.vision.encoder.pos_embed, mean=0.0, std=0.02)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -220,13 +339,14 @@ class VLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, part="all"):
-        """Parameters of the whole model, the decoder alone, or the patch encoder alone."""
+        """Parameters of the whole model, the decoder alone, or the vision encoder and
+        projector together."""
         vision = sum(p.numel() for p in self.vision.parameters())
         total = sum(p.numel() for p in self.parameters())
         return {"all": total, "decoder": total - vision, "vision": vision}[part]
 
     def flops_per_token(self, seq_len):
-        """Training matmul FLOPs per decoder token (forward + backward), DESIGN.md's count:
+        """Training matmul FLOPs per decoder token (forward + backward), the usual MFU count:
         6 x (decoder params - input embedding) + 6 x layers x d_model x seq (causal attention).
         The input embedding is a lookup, not a matmul; a tied head is still a matmul."""
         c = self.config
@@ -270,11 +390,12 @@ class VLM(nn.Module):
         h = self.hidden_states(idx, images)
         loss, token_losses = self.ops.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if (images is None or images.shape[0] == 0) and torch.is_grad_enabled():
-            # On a text-only batch the patch encoder takes no part. Touch each of its parameters
-            # with weight 0 so every parameter still gets a (zero) gradient: DistributedDataParallel
-            # expects that, and otherwise hangs or errors. The training loop then drops these
-            # zero gradients so the optimizer leaves the encoder exactly as it was.
-            loss = loss + 0.0 * sum(p.view(-1)[0] for p in self.vision.parameters())
+            # On a text-only batch the vision encoder and projector take no part. Touch each of
+            # their trainable parameters with weight 0 so every one still gets a (zero)
+            # gradient: DistributedDataParallel expects that, and otherwise hangs or errors
+            # (frozen parameters are not DDP's concern). The training loop then drops these
+            # zero gradients so the optimizer leaves them exactly as they were.
+            loss = loss + 0.0 * sum(p.view(-1)[0] for p in self.vision.parameters() if p.requires_grad)
         return loss, token_losses.view(B, T)
 
     def logits(self, idx, images=None, cache=None, last_only=False):
@@ -317,11 +438,103 @@ class VLM(nn.Module):
 
 
 def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
-    """AdamW over the trainable parameters, with weight decay on matrices only (not norms,
-    biases or the patch position table)."""
+    """AdamW over the trainable parameters (frozen ones get no optimizer state), with weight
+    decay on matrices only (not norms, biases or the patch position table)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and name != "vision.pos_embed" else no_decay).append(p)
+            (decay if p.dim() >= 2 and name != "vision.encoder.pos_embed" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# A pretrained SigLIP vision tower from the Hugging Face Hub (or a local folder in its layout)
+
+SIGLIP_CONFIG_FILES = ("config.json", "preprocessor_config.json")
+
+
+def siglip_folder(source, revision, weights=True):
+    """The folder holding a SigLIP checkpoint's files: `source` itself when it is a local
+    folder, else the Hub repository `source` at the pinned `revision`, whose files
+    huggingface_hub downloads once into its cache. weights=False fetches only the small
+    config files (enough to build the model; its weights then come from our checkpoint)."""
+    if os.path.isdir(source):
+        return source
+    if source.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"vision_encoder {source}: no such folder")
+    names = SIGLIP_CONFIG_FILES + (("model.safetensors",) if weights else ())
+    return os.path.dirname([hf_hub_download(source, name, revision=revision) for name in names][-1])
+
+
+def siglip_config(folder):
+    """The ModelConfig fields that describe the SigLIP tower in `folder`: its shape from
+    config.json (a full SiglipModel's, whose vision_config holds it, or a vision-only
+    model's), its normalisation from preprocessor_config.json."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: not a SigLIP checkpoint folder")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("model_type") not in ("siglip", "siglip_vision_model"):
+        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not a SigLIP model")
+    vision = config.get("vision_config", config)
+    # A Hub config.json may leave out values equal to transformers' SiglipVisionConfig
+    # defaults (SigLIP-B/16 at 224's), so those defaults fill any gap.
+    if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{path}: hidden_act {vision['hidden_act']!r}; SiglipBlock implements GELU (tanh) only")
+    fields = dict(vision_encoder="siglip", image_size=vision.get("image_size", 224),
+                  patch_size=vision.get("patch_size", 16), siglip_width=vision.get("hidden_size", 768),
+                  siglip_depth=vision.get("num_hidden_layers", 12), siglip_heads=vision.get("num_attention_heads", 12),
+                  siglip_mlp=vision.get("intermediate_size", 3072), siglip_eps=vision.get("layer_norm_eps", 1e-6))
+    # A vision-only folder saved without its image processor keeps ModelConfig's default
+    # normalisation, which is SigLIP's (mean 0.5, std 0.5).
+    processor = os.path.join(folder, "preprocessor_config.json")
+    if os.path.exists(processor):
+        with open(processor) as f:
+            processor = json.load(f)
+        fields.update(image_mean=tuple(processor["image_mean"]), image_std=tuple(processor["image_std"]))
+    return fields
+
+
+def load_siglip(encoder, folder):
+    """Copies the vision tower's weights from folder/model.safetensors into `encoder`, a
+    SiglipEncoder built from siglip_config(folder). Skipped: the text tower, and the parts of
+    the vision tower a VLM does not use (the pooling head, the final LayerNorm, the blocks
+    after the feature layer). Any other vision tensor, a missing one or one of another shape
+    is an error that names it."""
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: not a SigLIP checkpoint folder")
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        # A full SiglipModel's vision tensors start with "vision_model."; a vision-only model
+        # saved by transformers 5 has no prefix (older versions wrote "vision_model." too).
+        prefix = "vision_model." if any(key.startswith("vision_model.") for key in keys) else ""
+        ours = encoder.state_dict()
+        theirs_of = {"patch_embed.weight": f"{prefix}embeddings.patch_embedding.weight",
+                     "patch_embed.bias": f"{prefix}embeddings.patch_embedding.bias",
+                     "pos_embed": f"{prefix}embeddings.position_embedding.weight"}
+        for name in ours:
+            if name.startswith("blocks."):
+                _, i, leaf = name.split(".", 2)
+                group = "self_attn." if leaf.startswith(("q_", "k_", "v_", "out_")) else \
+                    "mlp." if leaf.startswith("fc") else ""
+                theirs_of[name] = f"{prefix}encoder.layers.{i}.{group}{leaf}"
+        wanted = set(theirs_of.values())
+        unused = (f"{prefix}head.", f"{prefix}post_layernorm.") + tuple(
+            f"{prefix}encoder.layers.{i}." for i in range(len(encoder.blocks), encoder.depth))
+        for key in sorted(keys):
+            is_text = prefix and not key.startswith(prefix)  # text tower, logit_scale, logit_bias
+            if not is_text and key not in wanted and not key.startswith(unused):
+                raise ValueError(f"{path}: unknown tensor {key} (not part of the SigLIP tower we build)")
+        state = {}
+        for name, key in theirs_of.items():
+            if key not in keys:
+                raise ValueError(f"{path}: tensor {key} is missing")
+            tensor = f.get_tensor(key)
+            if tensor.shape != ours[name].shape:
+                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(ours[name].shape)} (check the tower's config.json)")
+            state[name] = tensor
+    encoder.load_state_dict(state)

@@ -31,7 +31,7 @@ from common import (JsonlLog, all_reduce_sum, check_same_settings, cosine_schedu
                     save_checkpoint, setup_training, train_step)
 from configurator import apply_overrides
 from data.loader import PretrainLoader
-from model import VLM, ModelConfig, configure_optimizer
+from model import VLM, ModelConfig, configure_optimizer, load_siglip, siglip_config, siglip_folder
 
 # -----------------------------------------------------------------------------
 # defaults (config/toy.py, config/79m.py, config/1b.py override them)
@@ -59,7 +59,14 @@ ffn_hidden = 704
 seq_len = 256
 tie_embeddings = False
 rope_theta = 10000.0
-image_size = 32
+qk_norm = False  # OpenLM's qk-norm on queries and keys (the study's decoder has it)
+# "patches": a PatchEncoder trained from scratch (the toy default, the study's ablation); else a
+# SigLIP checkpoint, a Hub repository id or a local folder in its layout, loaded on a scratch start
+vision_encoder = "patches"
+vision_revision = "main"  # the Hub revision (commit) of vision_encoder; configs pin one
+siglip_feature_layer = -2  # which SigLIP block feeds the projector (-2: second-to-last, as Prismatic)
+freeze_vision = False  # keep the encoder as initialised or loaded; the projector still trains
+image_size = 32  # with SigLIP these two must equal the checkpoint's
 patch_size = 8
 vit_depth = 0
 vit_width = 256
@@ -143,11 +150,21 @@ def image_ratio_at(it):
 # -----------------------------------------------------------------------------
 # data and model
 tokenizer = load_tokenizer(data_dir)
+vision_config = {}
+if vision_encoder != "patches":
+    # Only a scratch start needs the pretrained weights; a resume or branch has them in its checkpoint.
+    siglip_dir = siglip_folder(vision_encoder, vision_revision, weights=init_from == "scratch")
+    vision_config = siglip_config(siglip_dir)
+    for key, value in (("image_size", image_size), ("patch_size", patch_size)):
+        encoders_value = vision_config.pop(key)
+        if encoders_value != value:
+            raise ValueError(f"{key} is {value}, but the vision encoder {vision_encoder} takes {encoders_value}")
 model_config = ModelConfig(
     vocab_size=tokenizer.vocab_size, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-    n_embd=n_embd, ffn_hidden=ffn_hidden, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
+    n_embd=n_embd, ffn_hidden=ffn_hidden, rope_theta=rope_theta, tie_embeddings=tie_embeddings, qk_norm=qk_norm,
     image_size=image_size, patch_size=patch_size, vit_depth=vit_depth, vit_width=vit_width, vit_heads=vit_heads,
-    image_token_id=tokenizer.image_id, use_kernels=use_kernels and device_type == "cuda")
+    siglip_feature_layer=siglip_feature_layer, **vision_config, image_token_id=tokenizer.image_id,
+    use_kernels=use_kernels and device_type == "cuda")
 
 
 def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
@@ -165,8 +182,11 @@ train_loader = make_loader(train_text, train_captions, rank, world_size)
 val_loader = make_loader(val_text, val_captions, rank, world_size)
 
 raw_model = VLM(model_config).to(device)
+if vision_encoder != "patches" and init_from == "scratch":
+    load_siglip(raw_model.vision.encoder, siglip_dir)
+raw_model.vision.encoder.requires_grad_(not freeze_vision)  # before the optimizer: no state for frozen ones
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
-vision_params = list(raw_model.vision.parameters())
+vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
 iter_num = 0
 log_window = None
 

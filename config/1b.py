@@ -1,5 +1,7 @@
-# The study's 1.4B model (DESIGN.md): 24 layers, d_model 2048, 16 heads of 128, context 2048,
-# warmup 5000, global batch 256 x 2048 tokens, and a 28B-token image phase.
+# The study's 1.4B model (Keh et al. 2025): an OpenLM-style decoder with qk-norm, 24 layers,
+# d_model 2048, 16 heads of 128, context 2048, peak LR 1e-2 with warmup 5000, global batch
+# 256 x 2048 tokens, a frozen pretrained SigLIP encoder with an MLP projector, and a 28B-token
+# image phase.
 # torchrun --standalone --nproc_per_node=8 pretrain.py config/1b.py
 out_dir = "out/1b"
 data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (README, "Running the real study")
@@ -10,20 +12,22 @@ n_head = 16
 n_kv_head = 16
 n_embd = 2048
 ffn_hidden = 5632
+qk_norm = True
 seq_len = 2048
+# SigLIP-B/16 at 224 from the Hub, its second-to-last block feeding the projector; the study's
+# ablation, a plain patch projection trained from scratch, is --vision_encoder=patches
+# --freeze_vision=False.
+vision_encoder = "google/siglip-base-patch16-224"
+vision_revision = "7fd15f0689c79d79e38b1c2e2e2370a7bf2761ed"
+freeze_vision = True
 image_size = 224
-patch_size = 14  # 256 image tokens per image
-vit_depth = 12
-vit_width = 768
-vit_heads = 12
-caption_len = 64  # 6 samples of 256 + 64 + 1 positions per image-caption row
+patch_size = 16  # 14 x 14 = 196 image tokens per image
+caption_len = 64  # 7 samples of 196 + 64 + 1 = 261 positions per image-caption row (1,827 of 2,048)
 batch_size = 8  # per GPU; fits an 80 GB card with the fused head
 grad_accum = 32  # 32 x 8 = 256 rows per step over all ranks
 max_iters = 53_400  # 28B text tokens (about 20 per parameter)
 warmup_iters = 5000
-# The study's peak of 1e-2 comes with OpenLM's qk-norm, which this decoder does not have;
-# 3e-3 is the safer peak without it.
-learning_rate = 3e-3
+learning_rate = 1e-2
 min_lr = 3e-4
 vision_start_frac = 0.8
 image_iters = 53_400  # the study's 28B image-phase tokens

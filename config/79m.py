@@ -1,6 +1,7 @@
-# The study's small model (DESIGN.md): 8 layers, d_model 512, 4 heads, peak LR 3e-3, warmup 400,
-# global batch 512 x 2048 tokens. Our vocabulary is cl100k_base (padded to 100,352), so the
-# embedding and head add 103M parameters to the 25M in the blocks (the study's count differs).
+# The study's small model (Keh et al. 2025): 8 layers, d_model 512, 4 heads, qk-norm, peak LR
+# 3e-3 with warmup 400, global batch 512 x 2048 tokens, the same frozen SigLIP encoder as 1b.py.
+# Our vocabulary is cl100k_base (padded to 100,352), so the embedding and head add 103M
+# parameters to the 25M in the blocks (the study's count differs).
 # torchrun --standalone --nproc_per_node=8 pretrain.py config/79m.py
 out_dir = "out/79m"
 data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (README, "Running the real study")
@@ -11,13 +12,14 @@ n_head = 4
 n_kv_head = 4
 n_embd = 512
 ffn_hidden = 1408
+qk_norm = True
 seq_len = 2048
+vision_encoder = "google/siglip-base-patch16-224"
+vision_revision = "7fd15f0689c79d79e38b1c2e2e2370a7bf2761ed"
+freeze_vision = True
 image_size = 224
-patch_size = 14  # 256 image tokens per image
-vit_depth = 6  # a patch encoder about the decoder's size
-vit_width = 512
-vit_heads = 8
-caption_len = 64  # 6 samples of 256 + 64 + 1 positions per image-caption row
+patch_size = 16  # 14 x 14 = 196 image tokens per image
+caption_len = 64  # 7 samples of 196 + 64 + 1 = 261 positions per image-caption row (1,827 of 2,048)
 batch_size = 32
 grad_accum = 16  # 16 x 32 = 512 rows per step over all ranks
 max_iters = 30_000  # 31B text tokens

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import VLM, ModelConfig
+from model import VLM, ModelConfig, configure_optimizer
 
 IMAGE = 3
 
@@ -129,9 +129,9 @@ def test_generate_with_kv_cache_equals_full_recompute():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_on_equals_kernels_off(dtype):
     torch.manual_seed(0)
-    reference = VLM(tiny_config())
+    reference = VLM(tiny_config(qk_norm=True))
     torch.manual_seed(0)
-    fused = VLM(tiny_config(use_kernels=True))
+    fused = VLM(tiny_config(use_kernels=True, qk_norm=True))
     fused.load_state_dict(reference.state_dict())
     idx, targets, images = tiny_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -146,3 +146,35 @@ def test_kernels_on_equals_kernels_off(dtype):
         scale = p.grad.abs().max().clamp(min=1e-8)
         err = (p.grad - q.grad).abs().max() / scale
         assert err < (1e-4 if dtype == torch.float32 else 5e-2), (name, err)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_the_toy_model_trains_with_and_without_qk_norm(qk_norm):
+    torch.manual_seed(0)
+    model = VLM(tiny_config(qk_norm=qk_norm))
+    assert hasattr(model.blocks[0].attn, "q_norm") == qk_norm
+    optimizer = configure_optimizer(model, 1e-2, 0.0, (0.9, 0.95), "cpu")
+    idx, targets, images = tiny_batch()
+    losses = []
+    for _ in range(15):
+        loss, _ = model(idx, targets, images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_qk_norm_normalises_all_heads_queries_and_keys_together():
+    # OpenLM's qk-norm is one LayerNorm over the whole query (key) projection: scaling every
+    # query weight by a constant then changes nothing, while without qk-norm it sharpens attention.
+    for qk_norm in (False, True):
+        torch.manual_seed(0)
+        model = VLM(tiny_config(qk_norm=qk_norm))
+        idx, _, images = tiny_batch()
+        before = model.logits(idx, images)
+        attn = model.blocks[0].attn
+        with torch.no_grad():
+            attn.qkv.weight[:attn.n_head * attn.head_dim] *= 7.0
+        assert torch.allclose(model.logits(idx, images), before, atol=1e-4) == qk_norm
+    assert attn.q_norm.weight.shape == (4 * 8,) and attn.k_norm.weight.shape == (2 * 8,) and attn.q_norm.bias is None
