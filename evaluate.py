@@ -6,15 +6,18 @@ Evaluates a checkpoint on one suite of vision-language and text-only tasks, in o
 
 A task is a file data_dir/eval_<name>.json (the toy world writes six; see its prepare.py):
 {"name", "modality": "vision" | "text", "kind", "chance", "items": [{"image", "prompt",
-"options", "answer"}]}, with images in data_dir/eval_images.npy. Three kinds are scored, each the
-way the harness that publishes it scores it (tests compare with lm-eval's and lmms-eval's code):
+"options", "answer"}]}; a vision task's "image" is a row of the uint8 [N, H, W, 3] array in
+data_dir/<its "images" field> (default eval_images.npy; data/benchmarks/prepare.py writes one
+file per benchmark). Three kinds are scored, each the way the harness that publishes it scores
+it (tests compare with lm-eval's and lmms-eval's own code):
   - multiple_choice (lm-eval): "options" without the task's "delimiter" (lm-eval's
-    target_delimiter; default " ", or "" after a chat prompt); prompt and delimiter + option are encoded together and split
-    as lm-eval does; "acc" picks the highest log-likelihood, "acc_norm" the highest per character
-    of the option;
-  - open: greedy generation; the task's "metric" is "vqa" (VQAv2: the official VQA answer
-    normalisation and soft accuracy), "vqa_evalai" (TextVQA, VizWiz: the same after EvalAI's
-    tokenising step) or "exact_match" (GQA: case and punctuation ignored), as lmms-eval has them;
+    target_delimiter; default " ", or "" after a chat prompt); prompt and delimiter + option
+    are encoded together and split as lm-eval does; "acc" picks the highest log-likelihood,
+    "acc_norm" the highest per character of the option;
+  - open: greedy generation; the task's "metric" is "vqa" (VQAv2, the default: the official VQA
+    answer normalisation and soft accuracy), "vqa_evalai" (TextVQA, VizWiz: the same after
+    EvalAI's tokenising step) or "exact_match" (GQA: case and punctuation ignored), as lmms-eval
+    has them;
   - yes_no (POPE): log-likelihood of "yes" against "no"; lmms-eval's accuracy, precision,
     recall, F1 and yes_ratio (the share of "yes" in the ground truth), per item "category" too.
 Vision prompts use the chat template after the image (the model is evaluated after
@@ -409,8 +412,7 @@ def main(argv):
         f[len("eval_"):-len(".json")] for f in os.listdir(s["data_dir"]) if f.startswith("eval_") and f.endswith(".json"))
     if not names:
         raise FileNotFoundError(f"no eval_*.json tasks in {s['data_dir']}")
-    image_path = os.path.join(s["data_dir"], "eval_images.npy")
-    image_store = np.load(image_path, mmap_mode="r") if os.path.exists(image_path) else None
+    image_stores = {}  # image file -> its memory map, opened once and shared by the tasks naming it
     results = []
     for name in names:
         path = os.path.join(s["data_dir"], f"eval_{name}.json")
@@ -420,8 +422,14 @@ def main(argv):
             task = json.load(f)
         if s["max_items"] > 0:
             task["items"] = task["items"][:s["max_items"]]
-        if task["modality"] == "vision" and image_store is None:
-            raise FileNotFoundError(f"task {name!r} needs images, but {image_path} does not exist")
+        image_store = None
+        if task["modality"] == "vision":  # memory-mapped: only the pictures a batch uses are read
+            image_path = os.path.join(s["data_dir"], task.get("images", "eval_images.npy"))
+            if not os.path.exists(image_path):
+                raise FileNotFoundError(f"task {name!r} needs images, but {image_path} does not exist")
+            if image_path not in image_stores:
+                image_stores[image_path] = np.load(image_path, mmap_mode="r")
+            image_store = image_stores[image_path]
         results.append(evaluate_task(task, model, tokenizer, image_store, dev, autocast, s["batch_size"],
                                      s["max_new_tokens"]))
     summary = summarize(results)

@@ -2,7 +2,9 @@
 # warmup 5000, global batch 256 x 2048 tokens, and a 28B-token image phase.
 # torchrun --standalone --nproc_per_node=8 pretrain.py config/1b.py
 out_dir = "out/1b"
-data_dir = "data/dclm"  # text and image-caption shards in the formats of data/shards.py
+data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (README, "Running the real study")
+train_captions = "../cc12m/train_caption*.bin"  # image-caption shards, relative to data_dir
+val_captions = "../cc12m/val_caption*.bin"  # python data/cc3m/prepare.py --dataset=cc12m
 n_layer = 24
 n_head = 16
 n_kv_head = 16

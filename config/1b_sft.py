@@ -3,7 +3,7 @@
 # torchrun --standalone --nproc_per_node=8 finetune.py config/1b_sft.py --init_from=out/1b/ckpt.pt
 out_dir = "out/1b_sft"
 init_from = "out/1b/ckpt.pt"
-data_dir = "data/llava"  # conversation shards (and eval sets) in the formats of data/shards.py
+data_dir = "data/cauldron"  # conversation shards: python data/cauldron/prepare.py
 epochs = 2
 batch_size = 8  # per GPU
 grad_accum = 16  # 16 x 8 = 128 conversations per step over all ranks

@@ -3,7 +3,9 @@
 # embedding and head add 103M parameters to the 25M in the blocks (the study's count differs).
 # torchrun --standalone --nproc_per_node=8 pretrain.py config/79m.py
 out_dir = "out/79m"
-data_dir = "data/dclm"  # text and image-caption shards in the formats of data/shards.py
+data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (README, "Running the real study")
+train_captions = "../cc3m/train_caption*.bin"  # image-caption shards, relative to data_dir
+val_captions = "../cc3m/val_caption*.bin"  # python data/cc3m/prepare.py
 n_layer = 8
 n_head = 4
 n_kv_head = 4

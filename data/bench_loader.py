@@ -8,16 +8,26 @@ It writes synthetic shards in the real formats to a temporary folder, touches th
 they sit in the page cache (as shards being trained on do), then times next_batch() for text
 rows only, image-caption rows only and the 10% mix. A 1B model on one GPU consumes about
 50k tokens/s; the loader should serve at least 100x that, so it is never the bottleneck.
+
+    python -m data.bench_loader --photos=a.jpg,b.jpg    # also: what JPEG in the shards would cost
+
+With --photos it also measures the alternative to raw uint8 images in the shards: each photo
+cut into pictures (crops at several scales, resized by data/images.py's rule), encoded as JPEG,
+then the bytes per picture and how many pictures one core decodes per second.
 """
 
 import argparse
+import io
 import os
 import tempfile
 import time
 
 import numpy as np
 
+from PIL import Image
+
 from data import shards
+from data.images import load_image
 from data.loader import PretrainLoader
 
 VOCAB = 100352
@@ -46,6 +56,27 @@ def time_batches(loader, ratio, seconds):
     return batches, images, time.perf_counter() - start
 
 
+def jpeg_figures(photo_paths, size, quality, seconds):
+    """(mean JPEG bytes per picture, pictures decoded per second on one core)."""
+    encoded = []
+    for path in photo_paths:
+        photo = Image.open(path).convert("RGB")
+        w, h = photo.size
+        for scale in (1.0, 0.7, 0.5, 0.35):  # natural pictures at several zooms, 9 places each
+            cw, ch = int(w * scale), int(h * scale)
+            for fx in (0.0, 0.5, 1.0):
+                for fy in (0.0, 0.5, 1.0):
+                    x, y = int(fx * (w - cw)), int(fy * (h - ch))
+                    buf = io.BytesIO()
+                    Image.fromarray(load_image(photo.crop((x, y, x + cw, y + ch)), size)).save(buf, "JPEG", quality=quality)
+                    encoded.append(buf.getvalue())
+    decoded, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        np.asarray(Image.open(io.BytesIO(encoded[decoded % len(encoded)])).convert("RGB"))
+        decoded += 1
+    return sum(map(len, encoded)) / len(encoded), decoded / (time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -54,6 +85,8 @@ def main():
     parser.add_argument("--patch_size", type=int, default=14)
     parser.add_argument("--caption_len", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--photos", default="", help="comma-separated photo files for the JPEG figures")
+    parser.add_argument("--jpeg_quality", type=int, default=90)
     args = parser.parse_args()
     tokens_per_image = (args.image_size // args.patch_size) ** 2
     with tempfile.TemporaryDirectory() as folder:
@@ -73,6 +106,12 @@ def main():
             tokens = batches * args.batch_size * args.seq_len
             print(f"{label:>24}: {tokens / dt / 1e6:8.2f}M tokens/s, {images / dt:10,.0f} images/s, "
                   f"{1e3 * dt / batches:.3f} ms per batch")
+    if args.photos:
+        raw = args.image_size * args.image_size * 3
+        jpeg_bytes, per_s = jpeg_figures(args.photos.split(","), args.image_size, args.jpeg_quality, args.seconds)
+        print(f"{args.image_size}x{args.image_size} pictures: raw uint8 {raw / 1e3:.1f} KB ({raw / 1e3:.0f} GB per "
+              f"million); JPEG quality {args.jpeg_quality} {jpeg_bytes / 1e3:.1f} KB ({jpeg_bytes / 1e3:.0f} GB per "
+              f"million), decoded at {per_s:,.0f} pictures/s on one core")
 
 
 if __name__ == "__main__":
