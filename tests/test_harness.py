@@ -215,3 +215,53 @@ def test_rolling_and_generation_through_the_adapter(tiny):
     assert answer == full.split(stop)[0]
     with pytest.raises(ValueError, match="greedy"):
         lm.generate_until([SimpleNamespace(args=(text, {"until": [], "do_sample": True, "temperature": 1.0}))])
+
+
+# ------------------------------------------------------------------ lmms-eval's model interface
+
+@pytest.fixture(scope="module")
+def lmms_adapter():
+    if importlib.util.find_spec("lmms_eval") is None:
+        pytest.skip("lmms-eval is not installed: pip install --no-deps lmms-eval==0.7.3")
+    with pytest.MonkeyPatch.context() as mp:
+        if importlib.util.find_spec("loguru") is None:  # lmms_eval.utils imports it; nothing here logs
+            mp.setitem(sys.modules, "loguru", SimpleNamespace(logger=None))
+        from lmms_eval.api.instance import Instance
+
+        from harness import lmms_eval_model
+        yield lmms_eval_model.CheckpointLMM, Instance
+
+
+def test_lmms_eval_adapter_asks_what_evaluate_asks(lmms_adapter):
+    from PIL import Image
+
+    from data.images import load_image
+    CheckpointLMM, Instance = lmms_adapter
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=Tokenizer().vocab_size, block_size=48, n_layer=1, n_head=2, n_kv_head=2,
+                         n_embd=32, ffn_hidden=64, image_size=16, patch_size=8)
+    model, tok = VLM(config).eval(), Tokenizer()
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)) for _ in range(5)]  # squeezed
+    questions = ["is there a cat?", "what colour is it?", "how many?", "is it big?", "where is the dog?"]
+    docs = [{"image": p, "question": q, "answer": a} for p, q, a in zip(pictures, questions, ["yes", "no"] * 3)]
+    lm = CheckpointLMM(model, tok, "cpu", NO_AUTOCAST, batch_size=2)
+    lm.task_dict = {"toy": {"test": docs}}  # lmms-eval's evaluator sets this
+
+    def request(kind, i, second):  # lmms-eval's arguments: (context, target or settings, doc_to_visual, id, task, split)
+        return Instance(request_type=kind, arguments=(docs[i]["question"], second, lambda doc: [doc["image"]], i, "toy",
+                                                      "test"), idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
+
+    store = np.stack([load_image(p, config.image_size) for p in pictures])
+    items = [{"image": i, "prompt": q, "options": None, "answer": ["x"]} for i, q in enumerate(questions)]
+    ours = evaluate.evaluate_task({"name": "toy", "modality": "vision", "kind": "open", "chance": 0.0, "items": items},
+                                  model, tok, store, "cpu", NO_AUTOCAST, 2, 3)
+    answers = lm.generate_until([request("generate_until", i, {"until": ["\n"], "max_new_tokens": 3}) for i in range(5)])
+    assert answers == [e["answer"].split("\n")[0] for e in ours["examples"]] and any(answers)
+
+    lls = lm.loglikelihood([request("loglikelihood", i, lambda doc: doc["answer"]) for i in range(5)])
+    P = config.tokens_per_image
+    expected = evaluate.loglikelihoods(
+        model, [([tok.image_id] * P + tok.encode_prompt(d["question"]), tok.encode(d["answer"]) + [tok.end_id], i)
+                for i, d in enumerate(docs)], store, tok.eot_id, "cpu", NO_AUTOCAST, 2)
+    assert lls == expected
