@@ -299,8 +299,8 @@ def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_s
             result["acc_norm"] = float(np.mean([normed == a for (_, normed), a in zip(picks, answers)]))
         else:
             # lmms-eval generates an answer and compares its text with "yes"/"no"; we compare the
-            # likelihoods of the two, so every prediction is one of them (for a model that always
-            # answers exactly "yes" or "no" the two ways agree).
+            # likelihoods of the two, so every prediction is one of them. The ways differ only where
+            # the greedy answer is neither word, or not the likelier of the two.
             said = ["yes" if raw == 0 else "no" for raw, _ in picks]
             truth = [item["answer"] for item in items]
             result.update(pope_metrics(said, truth))
