@@ -64,7 +64,8 @@ def llama_state_dict(state, c):
         gate, up = state[ours + "mlp.gate_up.weight"].chunk(2)  # SwiGLU: silu(gate) * up
         out.update({theirs + "input_layernorm.weight": state[ours + "norm1.weight"],
                     theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
-                    theirs + "self_attn.v_proj.weight": v, theirs + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
+                    theirs + "self_attn.v_proj.weight": v,
+                    theirs + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
                     theirs + "post_attention_layernorm.weight": state[ours + "norm2.weight"],
                     theirs + "mlp.gate_proj.weight": gate, theirs + "mlp.up_proj.weight": up,
                     theirs + "mlp.down_proj.weight": state[ours + "mlp.down.weight"]})

@@ -104,7 +104,8 @@ def main(argv):
     lm = CheckpointLM(model, tokenizer, dev, autocast_context(torch.device(dev).type, s["dtype"]), s["batch_size"])
     results = simple_evaluate(model=lm, tasks=s["tasks"].split(","),
                               num_fewshot=None if s["num_fewshot"] < 0 else s["num_fewshot"],
-                              limit=s["limit"] or None, task_manager=TaskManager(include_path=s["include_path"] or None))
+                              limit=s["limit"] or None,
+                              task_manager=TaskManager(include_path=s["include_path"] or None))
     print(make_table(results))
     write_atomically(f"{s['ckpt']}.lm_eval.json", json.dumps(results["results"], indent=1, default=str))
     return results

@@ -42,7 +42,8 @@ def test_exported_llama_computes_our_logits(tmp_path, tie, compact):
             assert json.load(f) == compact_vocab
     llama = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert llama.config.tie_word_embeddings == tie and llama.config.eos_token_id == tok.eot_id
-    idx = torch.randint(0, ours.config.vocab_size, (3, ours.config.block_size), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, ours.config.vocab_size, (3, ours.config.block_size), generator=generator)
     with torch.no_grad():
         expected = ours.logits(idx)
         got = llama(idx).logits

@@ -89,7 +89,8 @@ def test_vqa_normalisation_matches_lmms_eval(lmms):
 
 def test_vqa_soft_accuracy_matches_lmms_eval(lmms):
     rng = random.Random(1)
-    pool = ["2", "two", "Two.", "2 ", "dog", "the dog", "Dog!", "dogs", "yes", "Yes", "don't", "dont", "3.5", "unanswerable"]
+    pool = ["2", "two", "Two.", "2 ", "dog", "the dog", "Dog!", "dogs", "yes", "Yes", "don't", "dont", "3.5",
+            "unanswerable"]
     for _ in range(3000):
         refs = [rng.choice(pool) for _ in range(10)]
         pred = rng.choice(pool + ["cat", "2.0"])
@@ -250,15 +251,16 @@ def test_lmms_eval_adapter_asks_what_evaluate_asks(lmms_adapter):
     lm = CheckpointLMM(model, tok, "cpu", NO_AUTOCAST, batch_size=2)
     lm.task_dict = {"toy": {"test": docs}}  # lmms-eval's evaluator sets this
 
-    def request(kind, i, second):  # lmms-eval's arguments: (context, target or settings, doc_to_visual, id, task, split)
-        return Instance(request_type=kind, arguments=(docs[i]["question"], second, lambda doc: [doc["image"]], i, "toy",
-                                                      "test"), idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
+    def request(kind, i, second):  # lmms-eval's (context, target or settings, doc_to_visual, doc_id, task, split)
+        arguments = (docs[i]["question"], second, lambda doc: [doc["image"]], i, "toy", "test")
+        return Instance(request_type=kind, arguments=arguments, idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
 
     store = np.stack([load_image(p, config.image_size) for p in pictures])
     items = [{"image": i, "prompt": q, "options": None, "answer": ["x"]} for i, q in enumerate(questions)]
     ours = evaluate.evaluate_task({"name": "toy", "modality": "vision", "kind": "open", "chance": 0.0, "items": items},
                                   model, tok, store, "cpu", NO_AUTOCAST, 2, 3)
-    answers = lm.generate_until([request("generate_until", i, {"until": ["\n"], "max_new_tokens": 3}) for i in range(5)])
+    settings = {"until": ["\n"], "max_new_tokens": 3}
+    answers = lm.generate_until([request("generate_until", i, settings) for i in range(5)])
     assert answers == [e["answer"].split("\n")[0] for e in ours["examples"]] and any(answers)
 
     lls = lm.loglikelihood([request("loglikelihood", i, lambda doc: doc["answer"]) for i in range(5)])

@@ -31,10 +31,11 @@ Evaluation sets, each {"name", "modality", "kind", "chance", "description", "ite
     facts_mc   text multi-choice    "a banana is" -> "yellow" (4 options)          chance 1/4
     story_mc   text multi-choice    "mia was hungry, so she" -> "ate a sandwich"   chance 1/4
 Held out: eval pictures are scenes (background + every shape's cell, kind, colour and size) that
-no training picture shows; a text eval item's prompt + correct option never occurs verbatim in the
-training text (prompt + delimiter + option). The facts and sums behind them are taught, in other sentence forms: every fact has
-several templates and each eval item uses a (template, fact) pair the corpus leaves out, so the
-model must have learnt the fact from one wording and the wording from other facts.
+no training picture shows; a text eval item's prompt + delimiter + correct option never occurs
+verbatim in the training text. The facts and sums behind them are taught, in other sentence
+forms: every fact has several templates and each eval item uses a (template, fact) pair the
+corpus leaves out, so the model must have learnt the fact from one wording and the wording from
+other facts.
 
 Everything is lower case, and every word the grammar can emit is listed below, so the compact
 vocabulary is the same for every --seed and --scale. Same arguments => byte-identical files.
@@ -1007,7 +1008,8 @@ def main(argv=None):
         for it in tasks[name]:  # encode what evaluate.py will encode
             answers = it["answer"] if isinstance(it["answer"], list) else ["yes", "no"]
             if TASK_INFO[name][0] == "text":
-                [tok.encode(text) for text in [it["prompt"]] + [it["prompt"] + eval_delimiter(name) + o for o in it["options"]]]
+                texts = [it["prompt"]] + [it["prompt"] + eval_delimiter(name) + o for o in it["options"]]
+                [tok.encode(text) for text in texts]
             else:
                 [tok.encode(text) for text in [it["prompt"]] + (it["options"] or answers)]
         write_eval(path(f"eval_{name}.json"), name, tasks[name])
