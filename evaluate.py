@@ -8,12 +8,18 @@ A task is a file data_dir/eval_<name>.json (the toy world writes six; see its pr
 {"name", "modality": "vision" | "text", "kind", "chance", "items": [{"image", "prompt",
 "options", "answer"}]}; a vision task's "image" is a row of the uint8 [N, H, W, 3] array in
 data_dir/<its "images" field> (default eval_images.npy; data/benchmarks/prepare.py writes one
-file per benchmark). Three kinds are scored:
-  - multiple_choice: the option with the highest log-likelihood wins ("acc"); "acc_norm"
-    divides each option's log-likelihood by its length in bytes first (lm-eval's ARC style);
-  - open: greedy generation, answers normalised as VQAv2 does; with 3 or more reference
-    answers (VQAv2 has 10 annotators) the VQAv2 soft accuracy, else exact match;
-  - yes_no (POPE): log-likelihood of "yes" against "no"; accuracy and F1 of "yes".
+file per benchmark). Three kinds are scored, each the way the harness that publishes it scores
+it (tests compare with lm-eval's and lmms-eval's own code):
+  - multiple_choice (lm-eval): "options" without the task's "delimiter" (lm-eval's
+    target_delimiter; default " ", or "" after a chat prompt); prompt and delimiter + option
+    are encoded together and split as lm-eval does; "acc" picks the highest log-likelihood,
+    "acc_norm" the highest per character of the option;
+  - open: greedy generation; the task's "metric" is "vqa" (VQAv2, the default: the official VQA
+    answer normalisation and soft accuracy), "vqa_evalai" (TextVQA, VizWiz: the same after
+    EvalAI's tokenising step) or "exact_match" (GQA: case and punctuation ignored), as lmms-eval
+    has them;
+  - yes_no (POPE): log-likelihood of "yes" against "no"; lmms-eval's accuracy, precision,
+    recall, F1 and yes_ratio (the share of "yes" in the ground truth), per item "category" too.
 Vision prompts use the chat template after the image (the model is evaluated after
 instruction tuning, as in the study); text prompts are plain language-model completions.
 Each task's "stable score" is accuracy minus chance, in points; the table ends with the vision,
@@ -25,11 +31,14 @@ import json
 import math
 import os
 import re
+import statistics
+import string
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common import autocast_context, find_shards, load_checkpoint
 from configurator import apply_overrides
@@ -51,43 +60,116 @@ dtype = "bfloat16"
 # -----------------------------------------------------------------------------
 
 # ------------------------------------------------------------------ scoring (pure functions)
-_PUNCTUATION = re.compile(r"[^\w\s]")
-_ARTICLES = {"a", "an", "the"}
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
+# Open answers: the official VQA evaluator's answer processing (vqaEval.py of the VQA challenge,
+# which EvalAI runs and lmms-eval carries as EvalAIAnswerProcessor), rule for rule and quirks
+# included, so that our soft accuracy is the published metric. Tests compare it with lmms-eval's.
+VQA_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                   ",", "?", "!"]
+VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # a period not followed by a digit (the lookbehind is a
+#                                                 typo in the original, kept: it never matches)
+VQA_DIGIT_COMMA_DIGIT = re.compile(r"(?<=\d)(\,)+(?=\d)")
+VQA_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+VQA_NUMBER_WORDS["none"] = "0"
+VQA_ARTICLES = {"a", "an", "the"}
+# The official contraction table maps each of these forms with one apostrophe left out (any one,
+# for forms with several) back to the form itself, e.g. "dont" -> "don't", "couldnt've" and
+# "couldn'tve" -> "couldn't've". Words are lower case by then, so "I'm" and "I've" never apply.
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
+    haven't he'd he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am mightn't mightn't've
+    might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't
+    shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd
+    something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're they've
+    'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've who'd
+    who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've
+    you'd you'd've you'll you're you've""".split()
+VQA_CONTRACTIONS = {form[:i] + form[i + 1:]: form for form in _CONTRACTED for i, c in enumerate(form) if c == "'"}
+VQA_CONTRACTIONS["somebody'd"] = "somebodyd"  # an entry of the official table that runs backwards
 
 
-def normalize_answer(text):
-    """VQAv2-style normalisation: lower case, no punctuation or articles, numbers as digits."""
-    words = _PUNCTUATION.sub("", text.lower().replace("\n", " ")).split()
-    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+def vqa_normalize(text, evalai_tokenize=False):
+    """An answer as the VQA evaluator compares it. evalai_tokenize adds the first step of EvalAI's
+    processor (lower case, drop "," and "?", split off "'s"), which lmms-eval applies to TextVQA
+    and VizWiz answers but not to VQAv2's."""
+    if evalai_tokenize:
+        text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    # Punctuation: deleted where it touches a space (or the answer has a digit,digit), else a space.
+    out = text
+    for p in VQA_PUNCTUATION:
+        if p + " " in text or " " + p in text or VQA_DIGIT_COMMA_DIGIT.search(text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    # The official code passes re.UNICODE (32) where sub() takes its count: at most 32 periods go.
+    out = VQA_PERIOD.sub("", out, count=re.UNICODE)
+    words = [VQA_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in VQA_ARTICLES)
 
 
-def vqa_soft_accuracy(prediction, references):
-    """VQAv2: min(1, matching annotators / 3), averaged over the ways of leaving one annotator
-    out. With fewer than 3 references this is plain exact match against any of them."""
-    pred = normalize_answer(prediction)
-    refs = [normalize_answer(r) for r in references]
+def vqa_soft_accuracy(prediction, references, evalai_tokenize=False):
+    """The VQA accuracy: for each reference left out in turn, min(1, other references equal to the
+    prediction / 3), averaged (1, 2, 3 of 10 annotators agreeing give 0.3, 0.6, 0.9). With fewer
+    than 3 references (our toy tasks, not a VQA benchmark) it is exact match with any of them."""
+    pred = vqa_normalize(prediction, evalai_tokenize)
+    refs = [vqa_normalize(r, evalai_tokenize) for r in references]
     if len(refs) < 3:
         return float(pred in refs)
-    matches = [r == pred for r in refs]
-    return sum(min(1.0, (sum(matches) - m) / 3.0) for m in matches) / len(refs)
+    return float(statistics.mean(min(1, sum(r == pred for j, r in enumerate(refs) if j != i) / 3)
+                                 for i in range(len(refs))))
 
 
-def f1_score(predicted_yes, actual_yes):
-    true_pos = sum(p and a for p, a in zip(predicted_yes, actual_yes))
-    predicted, actual = sum(predicted_yes), sum(actual_yes)
-    if true_pos == 0:
-        return 0.0
-    precision, recall = true_pos / predicted, true_pos / actual
-    return 2 * precision * recall / (precision + recall)
+def exact_match(prediction, references):
+    """GQA as lmms-eval scores it: equal after lower-casing and deleting ASCII punctuation."""
+    strip = str.maketrans("", "", string.punctuation)
+    return float(any(prediction.lower().translate(strip) == r.lower().translate(strip) for r in references))
 
 
-def pick_option(loglikelihoods, byte_lengths):
-    """(index by raw log-likelihood, index by log-likelihood per byte)."""
-    raw = int(np.argmax(loglikelihoods))
-    normed = int(np.argmax(np.asarray(loglikelihoods) / np.maximum(np.asarray(byte_lengths), 1)))
-    return raw, normed
+# An open task's "metric" field picks its rule (default "vqa").
+OPEN_METRICS = {
+    "vqa": vqa_soft_accuracy,  # VQAv2
+    "vqa_evalai": lambda pred, refs: vqa_soft_accuracy(pred, refs, evalai_tokenize=True),  # TextVQA, VizWiz
+    "exact_match": exact_match,  # GQA
+}
+
+
+def pope_metrics(predictions, answers):
+    """POPE's numbers as lmms-eval defines them, from answer strings: accuracy; precision and
+    recall of "yes" (a prediction that is neither "yes" nor "no" is wrong for accuracy and left
+    out of both); F1; yes_ratio, the share of "yes" in the GROUND TRUTH. said_yes, the share of
+    "yes" among the predictions (what POPE's paper calls the yes ratio), is ours: it shows a
+    model that answers yes to everything."""
+    tp = sum(p == "yes" and a == "yes" for p, a in zip(predictions, answers))
+    fp = sum(p == "yes" and a == "no" for p, a in zip(predictions, answers))
+    fn = sum(p == "no" and a == "yes" for p, a in zip(predictions, answers))
+    precision = tp / (tp + fp) if tp + fp > 0 else 0
+    recall = tp / (tp + fn) if tp + fn > 0 else 0
+    f1 = 2 * (precision * recall) / (precision + recall) if precision + recall > 0 else 0
+    n_yes, n_no = answers.count("yes"), answers.count("no")
+    return {"accuracy": sum(float(p == a) for p, a in zip(predictions, answers)) / len(answers),
+            "precision": float(precision), "recall": float(recall), "f1": float(f1),
+            "yes_ratio": n_yes / (n_yes + n_no) if n_yes + n_no > 0 else 0.0,
+            "said_yes": predictions.count("yes") / len(predictions)}
+
+
+def encode_pair(tokenizer, context, continuation):
+    """(context ids, continuation ids) as lm-eval builds them for a causal model: trailing
+    whitespace of the context moves to the continuation, the two are encoded together and split
+    after the context's own tokens (a token may span the boundary); an empty context becomes
+    <|endoftext|>, so the first token has something to condition on."""
+    if context == "":
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = tokenizer.encode(context)
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
+
+
+def pick_option(loglikelihoods, options):
+    """lm-eval's multiple-choice picks: (argmax of log-likelihood ("acc"), argmax of log-likelihood
+    per character of the option without its delimiter ("acc_norm"))."""
+    lls = np.array(loglikelihoods)
+    return int(np.argmax(lls)), int(np.argmax(lls / np.array([float(len(o)) for o in options])))
 
 
 def stable_score(accuracy, chance):
@@ -118,23 +200,35 @@ def stack_images(image_store, indices):
 
 @torch.no_grad()
 def loglikelihoods(model, requests, image_store, pad_id, device, autocast, batch_size, progress=None):
-    """Sum of log-probabilities of each continuation after its context.
-    requests: [(context ids, continuation ids, image index or None)]. Rows are right-padded,
-    which causal attention makes harmless; image placeholders must already be in the context."""
+    """(log-likelihood of each continuation after its context, whether greedy decoding would have
+    produced it exactly): lm-eval's (logprob, is_greedy). requests: [(context ids, continuation
+    ids, image index or None)]; a context needs at least one token (lm-eval conditions an empty
+    one on <|endoftext|>, see encode_pair). A sequence longer than block_size + 1 loses tokens
+    from the left, as in lm-eval. Rows are right-padded, which causal attention makes harmless;
+    image placeholders must already be in the context."""
+    keep = model.config.block_size + 1
+    head = model.lm_head.weight.float()
     results = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start:start + batch_size]
-        width = max(len(ctx) + len(cont) for ctx, cont, _ in chunk) - 1
-        x = np.full((len(chunk), width), pad_id, dtype=np.int64)
-        y = np.full((len(chunk), width), -1, dtype=np.int64)
-        for row, (ctx, cont, _) in enumerate(chunk):
-            seq = list(ctx) + list(cont)
+        seqs = []
+        for ctx, cont, _ in chunk:
+            if len(ctx) == 0 or len(cont) == 0 or len(cont) >= keep:
+                raise ValueError(f"a log-likelihood request needs a context of 1 or more tokens and a continuation "
+                                 f"of 1 to {keep - 1} tokens; got {len(ctx)} and {len(cont)}")
+            seqs.append((list(ctx) + list(cont))[-keep:])
+        x = np.full((len(chunk), max(map(len, seqs)) - 1), pad_id, dtype=np.int64)
+        for row, seq in enumerate(seqs):
             x[row, :len(seq) - 1] = seq[:-1]
-            y[row, len(ctx) - 1:len(seq) - 1] = cont  # predict each continuation token
-        x, y, images = to_device([x, y, stack_images(image_store, [i for _, _, i in chunk])], device)
+        x, images = to_device([x, stack_images(image_store, [i for _, _, i in chunk])], device)
         with autocast:
-            _, token_losses = model(x, y, images)
-        results += (-token_losses.float().sum(dim=1)).tolist()
+            hidden = model.hidden_states(x, images)
+        for row, (seq, (_, cont, _)) in enumerate(zip(seqs, chunk)):
+            # only the positions that predict the continuation go through the head, in float32
+            predicting = hidden[row, len(seq) - 1 - len(cont):len(seq) - 1].float()
+            logp = F.log_softmax(F.linear(predicting, head), dim=-1)
+            target = torch.tensor(cont, device=logp.device)
+            results.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
         if progress:
             progress.update(len(chunk))
     return results
@@ -168,48 +262,62 @@ def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_s
     items = task["items"]
     vision = task["modality"] == "vision"
     P = model.config.tokens_per_image
-
-    def context(item):
-        if vision:
-            return [tokenizer.image_id] * P + tokenizer.encode_prompt(item["prompt"])
-        return tokenizer.encode(item["prompt"])
-
-    def option_ids(text):  # a chat answer ends with <|end|>, which is part of what is scored
-        return tokenizer.encode(text) + ([tokenizer.end_id] if vision else [])
-
     image_of = (lambda item: item["image"]) if vision else (lambda item: None)
     kind = task["kind"]
     result = {"name": task["name"], "modality": task["modality"], "kind": kind, "n": len(items),
               "chance": task["chance"]}
+
+    def request(item, answer):
+        """(context ids, continuation ids, image) for an answer, scored the way lm-eval scores it. A
+        vision prompt ends in the chat template's <|assistant|>, so nothing spans the boundary, and
+        the answer is closed by <|end|>, which is part of what is scored."""
+        if vision:
+            return prompt_ids(item), tokenizer.encode(answer) + [tokenizer.end_id], item["image"]
+        return (*encode_pair(tokenizer, item["prompt"], answer), None)
+
+    def prompt_ids(item):  # what an answer is generated from
+        if vision:
+            return [tokenizer.image_id] * P + tokenizer.encode_prompt(item["prompt"])
+        return tokenizer.encode(item["prompt"]) or [tokenizer.eot_id]
+
     if kind in ("multiple_choice", "yes_no"):
+        # multiple_choice: options carry no delimiter; the task's "delimiter" (lm-eval's
+        # target_delimiter) goes between prompt and option. yes_no: the answers "yes" and "no".
+        delimiter = task.get("delimiter", "" if vision else " ") if kind == "multiple_choice" else ""
         options_of = (lambda item: item["options"]) if kind == "multiple_choice" else (lambda item: ["yes", "no"])
-        requests, spans = [], []
+        requests = [request(item, delimiter + option) for item in items for option in options_of(item)]
+        lls = [ll for ll, _ in loglikelihoods(model, requests, image_store, tokenizer.eot_id, device, autocast,
+                                              batch_size, Progress(task["name"], len(requests)))]
+        picks, start = [], 0
         for item in items:
-            ctx = context(item)
-            spans.append((len(requests), len(options_of(item))))
-            requests += [(ctx, option_ids(o), image_of(item)) for o in options_of(item)]
-        ll = loglikelihoods(model, requests, image_store, tokenizer.eot_id, device, autocast, batch_size,
-                            Progress(task["name"], len(requests)))
-        picks = []
-        for item, (start, n) in zip(items, spans):
-            byte_lengths = [len(o.encode("utf-8")) for o in options_of(item)]
-            picks.append(pick_option(ll[start:start + n], byte_lengths))
+            n = len(options_of(item))
+            picks.append(pick_option(lls[start:start + n], options_of(item)))
+            start += n
         if kind == "multiple_choice":
             answers = [item["answer"] for item in items]
             result["accuracy"] = float(np.mean([raw == a for (raw, _), a in zip(picks, answers)]))
             result["acc_norm"] = float(np.mean([normed == a for (_, normed), a in zip(picks, answers)]))
         else:
-            said_yes = [raw == 0 for raw, _ in picks]
-            is_yes = [item["answer"] == "yes" for item in items]
-            result["accuracy"] = float(np.mean([s == a for s, a in zip(said_yes, is_yes)]))
-            result["f1"] = f1_score(said_yes, is_yes)
-            result["yes_ratio"] = float(np.mean(said_yes))
+            # lmms-eval generates an answer and compares its text with "yes"/"no"; we compare the
+            # likelihoods of the two, so every prediction is one of them. The ways differ only where
+            # the greedy answer is neither word, or not the likelier of the two.
+            said = ["yes" if raw == 0 else "no" for raw, _ in picks]
+            truth = [item["answer"] for item in items]
+            result.update(pope_metrics(said, truth))
+            for c in sorted({item["category"] for item in items if "category" in item}):  # POPE's three
+                which = [i for i, item in enumerate(items) if item.get("category") == c]
+                result.setdefault("categories", {})[c] = {
+                    "n": len(which), **pope_metrics([said[i] for i in which], [truth[i] for i in which])}
     elif kind == "open":
-        prompts = [(context(item), image_of(item)) for item in items]
+        metric = task.get("metric", "vqa")
+        if metric not in OPEN_METRICS:
+            raise ValueError(f"task {task['name']}: unknown metric {metric!r} (expected one of {sorted(OPEN_METRICS)})")
+        prompts = [(prompt_ids(item), image_of(item)) for item in items]
         answers = greedy_answers(model, prompts, image_store, tokenizer.end_id, device, autocast, batch_size,
                                  max_new, Progress(task["name"], len(prompts)))
         texts = [tokenizer.decode(a) for a in answers]
-        result["accuracy"] = float(np.mean([vqa_soft_accuracy(t, item["answer"]) for t, item in zip(texts, items)]))
+        result["metric"] = metric
+        result["accuracy"] = float(np.mean([OPEN_METRICS[metric](t, item["answer"]) for t, item in zip(texts, items)]))
         result["examples"] = [{"prompt": item["prompt"], "answer": t, "references": item["answer"]}
                               for t, item in list(zip(texts, items))[:5]]
     else:
@@ -256,6 +364,21 @@ def markdown_table(results, summary, bpb):
     for key, label in (("vision_avg", "vision average"), ("text_avg", "text average"), ("overall_avg", "overall")):
         if summary[key] is not None:
             lines.append(f"| **{label}** | | | | | | **{summary[key]:+.1f}** |")
+    lines.append("\nMultiple choice: accuracy by log-likelihood (lm-eval's acc), norm = by log-likelihood per "
+                 "character of the option (acc_norm). Open answers: VQA soft accuracy (vqa, vqa_evalai) or exact "
+                 "match after the VQA/lmms-eval normalisation.")
+    pope = [r for r in results if r["kind"] == "yes_no"]
+    if pope:
+        lines += ["\nYes/no (POPE) tasks, as lmms-eval defines the numbers: precision and recall of \"yes\", F1 "
+                  "their harmonic mean, yes ratio = share of \"yes\" in the ground truth; said yes = share of "
+                  "\"yes\" in the model's answers.\n",
+                  "| task | category | n | accuracy | precision | recall | F1 | yes ratio | said yes |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in pope:
+            for category, m in [("all", r), *r.get("categories", {}).items()]:
+                lines.append(f"| {r['name']} | {category} | {m['n']} | " + " | ".join(
+                    f"{100 * m[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "said_yes"))
+                    + " |")
     if bpb is not None:
         lines.append(f"\nText validation loss: {bpb:.4f} bits per byte.")
     return "\n".join(lines)

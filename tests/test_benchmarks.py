@@ -177,6 +177,8 @@ def test_every_benchmark_becomes_a_task(prepared):
     for task in tasks.values():
         if task["modality"] == "vision":
             assert "delimiter" not in task and task["images"] == f"eval_{task['name']}_images.npy"
+            assert task.get("metric") == {"vqav2": "vqa", "gqa": "exact_match", "textvqa": "vqa_evalai",
+                                          "vizwiz": "vqa_evalai"}.get(task["name"])
         else:
             assert task["delimiter"] == " " and "images" not in task
             assert all(item["image"] is None for item in task["items"])

@@ -194,7 +194,8 @@ def test_eval_sets_are_well_formed(world, meta, tok):
     used = set()
     for name, (modality, kind, chance) in EXPECTED_TASKS.items():
         task = load_eval(world, name)
-        assert set(task) == {"name", "modality", "kind", "chance", "description", "items"}
+        assert set(task) == {"name", "modality", "kind", "chance", "description", "items"} | (
+            {"delimiter"} if kind == "multiple_choice" else set())
         assert (task["name"], task["modality"], task["kind"]) == (name, modality, kind)
         assert task["chance"] == pytest.approx(chance) and task["description"]
         items = task["items"]
@@ -215,12 +216,10 @@ def test_eval_sets_are_well_formed(world, meta, tok):
                 assert len(opts) == (3 if name == "count_mc" else 4) == len(set(opts))
                 assert isinstance(it["answer"], int) and 0 <= it["answer"] < len(opts)
                 assert chance == pytest.approx(1 / len(opts))
-                for o in opts:
-                    if modality == "text":
-                        assert o.startswith(" ") and not o.startswith("  ")
-                        tok.encode(prompt + o)
-                    else:
-                        tok.encode(o)
+                assert task["delimiter"] == (" " if modality == "text" else "")
+                for o in opts:  # lm-eval's contract: options without the delimiter
+                    assert o == o.strip() and o
+                    tok.encode(prompt + task["delimiter"] + o)
             elif kind == "yes_no":
                 assert it["options"] is None and it["answer"] in ("yes", "no")
             else:
@@ -254,7 +253,7 @@ def test_text_eval_items_never_occur_verbatim_in_training_text(world, tok):
     corpus = tok.decode(shards.read_shard(os.path.join(world, "train_text.bin")).tokens)
     for name in ("arith_mc", "facts_mc", "story_mc"):
         for it in load_eval(world, name)["items"]:
-            assert it["prompt"] + it["options"][it["answer"]] not in corpus
+            assert it["prompt"] + " " + it["options"][it["answer"]] not in corpus
     # ...and not in the grammar's whole inventory of fact and sum sentences, at any scale
     text_world = prepare.TextWorld()
     facts = [s for per_fact in text_world.fact_sentences.values() for sentences in per_fact for s in sentences]

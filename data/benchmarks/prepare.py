@@ -27,7 +27,8 @@ A text task's options are stored without the space that joins them to the prompt
 
 What it writes into --out_dir, per task (evaluate.py's format; see its docstring):
     eval_<task>.json          {"name", "modality", "kind", "chance", "description", "source",
-                              "skipped", "images" (vision) or "delimiter" (text), "items"}
+                              "skipped", "images" (vision) or "delimiter" (text), "items"; open
+                              tasks add "metric": vqa, vqa_evalai or exact_match}
     eval_<task>_images.npy    vision tasks: uint8 [N, S, S, 3], each picture once (questions about
                               the same picture share it), prepared by data/images.py's load_image
 The .json is written last, so its presence means the task is complete; a re-run skips complete
@@ -161,24 +162,24 @@ TASKS = {
     "vqav2": dict(
         repo="lmms-lab/VQAv2", revision="32665d35052eb4a6d4414851c3c829a72754915a",
         files=["data/validation-*.parquet"], columns=["question_id", "question", "answers", "image"],
-        item=vqav2_item, modality="vision", kind="open",
+        item=vqav2_item, modality="vision", kind="open", metric="vqa",
         harness="lmms-eval vqav2_val: generate_until, max_new_tokens 16; VQA soft accuracy over 10 answers"),
     "gqa": dict(
         repo="lmms-lab/GQA", revision="388eadb3fad5cc6818bf6e2ac7a64d809c6e59e7",
         files=["testdev_balanced_instructions/testdev-*.parquet"], columns=["id", "imageId", "question", "answer"],
         # the questions name their picture by imageId; the pictures are a second config
         image_table=dict(files=["testdev_balanced_images/testdev-*.parquet"], key="id", ref="imageId"),
-        item=gqa_item, modality="vision", kind="open",
+        item=gqa_item, modality="vision", kind="open", metric="exact_match",
         harness="lmms-eval gqa: generate_until, max_new_tokens 16; exact match (case and punctuation ignored)"),
     "textvqa": dict(
         repo="lmms-lab/textvqa", revision="main",
         files=["data/validation-*.parquet"], columns=["question_id", "question", "answers", "image"],
-        item=textvqa_item, modality="vision", kind="open",
+        item=textvqa_item, modality="vision", kind="open", metric="vqa_evalai",
         harness="lmms-eval textvqa_val (ocr tokens off): generate_until; VQA soft accuracy over 10 answers"),
     "vizwiz": dict(
         repo="lmms-lab/VizWiz-VQA", revision="d428a2dae984f79cf1b9d99467dfa883e0c30686",
         files=["data/val-*.parquet"], columns=["question_id", "question", "answers", "image"],
-        item=vizwiz_item, modality="vision", kind="open",
+        item=vizwiz_item, modality="vision", kind="open", metric="vqa_evalai",
         harness="lmms-eval vizwiz_vqa_val: generate_until; VQA soft accuracy over 10 answers"),
     "pope": dict(
         repo="lmms-lab/POPE", revision="4db1276663dfa5eb8ad16a52d24c31a09e470896",
@@ -331,6 +332,8 @@ def build_task(name, spec, args):
         skipped["image does not decode"] += sum(slot is None for _, slot in kept)
         items = [dict(item, image=slot) for item, slot in kept if slot is not None]
         task["images"] = f"eval_{name}_images.npy"
+        if "metric" in spec:  # evaluate.py's name for the answer rule lmms-eval applies to this task
+            task["metric"] = spec["metric"]
         # open answers: no guessing floor; yes/no: half the answers are "yes" by POPE's design
         task["chance"] = 0.5 if spec["kind"] == "yes_no" else 0.0
     else:

@@ -22,18 +22,20 @@ What it writes (token ids are *compact* ids: index i means cl100k id meta["compa
     meta.json                             written last, atomically: its presence = complete dataset
 
 Evaluation sets, each {"name", "modality", "kind", "chance", "description", "items": [{"image",
-"prompt", "options", "answer"}]}:
+"prompt", "options", "answer"}]}, multiple-choice ones with a "delimiter" between prompt and option
+(lm-eval's target_delimiter: " " for text, "" after a chat prompt):
     color_qa   vision open          "what color is the circle?" -> ["red"]       chance 1/6
     count_mc   vision multi-choice  "how many shapes are there?" one/two/three     chance 1/3
     exists_yn  vision yes/no        "is there a green triangle?" (50% yes)       chance 1/2
-    arith_mc   text multi-choice    "three plus four is" -> " seven" (4 options)   chance 1/4
-    facts_mc   text multi-choice    "a banana is" -> " yellow" (4 options)         chance 1/4
-    story_mc   text multi-choice    "mia was hungry, so she" -> " ate a sandwich"  chance 1/4
+    arith_mc   text multi-choice    "three plus four is" -> "seven" (4 options)    chance 1/4
+    facts_mc   text multi-choice    "a banana is" -> "yellow" (4 options)          chance 1/4
+    story_mc   text multi-choice    "mia was hungry, so she" -> "ate a sandwich"   chance 1/4
 Held out: eval pictures are scenes (background + every shape's cell, kind, colour and size) that
-no training picture shows; a text eval item's prompt + correct option never occurs verbatim in the
-training text. The facts and sums behind them are taught, in other sentence forms: every fact has
-several templates and each eval item uses a (template, fact) pair the corpus leaves out, so the
-model must have learnt the fact from one wording and the wording from other facts.
+no training picture shows; a text eval item's prompt + delimiter + correct option never occurs
+verbatim in the training text. The facts and sums behind them are taught, in other sentence
+forms: every fact has several templates and each eval item uses a (template, fact) pair the
+corpus leaves out, so the model must have learnt the fact from one wording and the wording from
+other facts.
 
 Everything is lower case, and every word the grammar can emit is listed below, so the compact
 vocabulary is the same for every --seed and --scale. Same arguments => byte-identical files.
@@ -804,8 +806,7 @@ def vision_evals(rng, n):
 def mc_item(prompt, correct, distractors, rng, k=4):
     options = [correct] + rng.sample(sorted(set(distractors) - {correct}), k - 1)
     rng.shuffle(options)
-    return {"image": None, "prompt": prompt, "options": [" " + o for o in options],
-            "answer": options.index(correct)}
+    return {"image": None, "prompt": prompt, "options": options, "answer": options.index(correct)}
 
 
 def text_evals(world, rng, n):
@@ -845,7 +846,7 @@ TASK_INFO = {
                   "of 'yes' vs 'no' after tok.encode_prompt(prompt)."),
     "arith_mc": ("text", "multiple_choice", 0.25,
                  "Addition and subtraction of 0..10 in words; 4 options, distractors close to the answer. "
-                 "Plain LM completion: score tok.encode(prompt + option). The sum is taught in other "
+                 "Plain LM completion of prompt + ' ' + option, scored as lm-eval does. The sum is taught in other "
                  "sentence forms; this form of it never appears in the training text."),
     "facts_mc": ("text", "multiple_choice", 0.25,
                  "Facts of the world (colours of things, sides of shapes, colour mixing, animals' legs "
@@ -854,7 +855,7 @@ TASK_INFO = {
                  "appears in the training text."),
     "story_mc": ("text", "multiple_choice", 0.25,
                  "Commonsense story completion in the style of HellaSwag: 'mia was hungry, so she' -> "
-                 "' ate a sandwich' among 4 endings. Plain LM completion. Each cause and its effect is "
+                 "'ate a sandwich' among 4 endings. Plain LM completion. Each cause and its effect is "
                  "taught in other sentence forms (some often, some rarely); this form of it never "
                  "appears in the training text. 30 causes x 2 held-out forms, each told about "
                  f"{STORY_EVAL_NAMES} different children."),
@@ -875,8 +876,15 @@ def write_json(path, obj):
 
 def write_eval(path, name, items):
     modality, kind, chance, description = TASK_INFO[name]
-    write_json(path, {"name": name, "modality": modality, "kind": kind, "chance": chance,
-                      "description": description, "items": items})
+    task = {"name": name, "modality": modality, "kind": kind, "chance": chance, "description": description}
+    if kind == "multiple_choice":
+        task["delimiter"] = eval_delimiter(name)
+    write_json(path, {**task, "items": items})
+
+
+def eval_delimiter(name):
+    """What separates prompt and option: a space in plain text, nothing after a chat prompt."""
+    return " " if TASK_INFO[name][0] == "text" else ""
 
 
 def write_samples(out_dir, cap_images, captions, chat_images, chats):
@@ -991,7 +999,8 @@ def main(argv=None):
     tasks = dict(vision_tasks, **text_evals(world, rng("eval_text"), n_eval))
     corpus = "\n".join(train_docs)
     for name in ("arith_mc", "facts_mc", "story_mc"):  # held out, verbatim (by construction)
-        leaks = [it["prompt"] for it in tasks[name] if it["prompt"] + it["options"][it["answer"]] in corpus]
+        leaks = [it["prompt"] for it in tasks[name]
+                 if it["prompt"] + eval_delimiter(name) + it["options"][it["answer"]] in corpus]
         if leaks:
             raise RuntimeError(f"{name}: {len(leaks)} eval items occur verbatim in the training text, "
                                f"e.g. {leaks[0]!r}: fix the grammar")
@@ -999,7 +1008,8 @@ def main(argv=None):
         for it in tasks[name]:  # encode what evaluate.py will encode
             answers = it["answer"] if isinstance(it["answer"], list) else ["yes", "no"]
             if TASK_INFO[name][0] == "text":
-                [tok.encode(it["prompt"] + option) for option in it["options"]]
+                texts = [it["prompt"]] + [it["prompt"] + eval_delimiter(name) + o for o in it["options"]]
+                [tok.encode(text) for text in texts]
             else:
                 [tok.encode(text) for text in [it["prompt"]] + (it["options"] or answers)]
         write_eval(path(f"eval_{name}.json"), name, tasks[name])
