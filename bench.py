@@ -45,6 +45,8 @@ import torch.nn.functional as F
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 os.environ["TRITON_INTERPRET"] = "0" if DEVICE == "cuda" else "1"
 
+import triton  # noqa: E402
+
 from common import autocast_context, peak_flops, train_step  # noqa: E402
 from configurator import apply_overrides  # noqa: E402
 from data import shards  # noqa: E402
@@ -367,7 +369,7 @@ def markdown(r):
 
 
 def main():
-    import triton
+    """Runs every phase; returns the results (also written to out_dir)."""
     os.makedirs(out_dir, exist_ok=True)
     results = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU",
                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -388,7 +390,7 @@ def main():
         bench_kernels(TINY_SHAPES if tiny else ANCHOR_SHAPES, DEVICE, results["kernels"], compile=DEVICE == "cuda",
                       copy_gbps=results["copy_gbps"], matmul_tflops=results["matmul_tflops"])
 
-    folder = tempfile.TemporaryDirectory()
+    folder = tempfile.TemporaryDirectory()  # the synthetic shards
     loader = synthetic_loader(folder.name, config, seq_len, caption_len, eot_id)
     # the kernel timings last: if the run is cut short, they are the cheapest to redo alone
     # (python -m kernels.bench)
@@ -397,7 +399,8 @@ def main():
               ("baseline training steps", lambda: bench_baseline(loader, config, seq_len, results["steps"])),
               ("kernels", kernels_phase)]
     for i, (name, phase) in enumerate(phases):
-        print(f"{i + 1}. {name} ({time.perf_counter() - start:.0f} s)", flush=True)
+        in_use = f", {torch.cuda.memory_allocated() / GiB:.1f} GiB allocated" if DEVICE == "cuda" else ""
+        print(f"{i + 1}. {name} ({time.perf_counter() - start:.0f} s{in_use})", flush=True)
         # One failure (a kernel that does not compile, an out-of-memory) must not cost the
         # other phases' numbers: GPU time is scarce.
         try:
@@ -412,8 +415,9 @@ def main():
         write_atomic(os.path.join(out_dir, "results.md"), markdown(results))
     folder.cleanup()
     print(f"\n{markdown(results)}\nall in {results['seconds']:.0f} s; written to {out_dir}/", flush=True)
+    return results
 
 
 if __name__ == "__main__":
     apply_overrides(globals(), sys.argv[1:])
-    main()
+    sys.exit(1 if main()["errors"] else 0)

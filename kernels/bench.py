@@ -12,6 +12,8 @@ measured device-to-device copy; the output projection + cross-entropy head repor
 On the CPU (bench.py --tiny=True) the same code runs once per row at toy shapes, the kernels in
 Triton's interpreter, with no memory figures: that only checks that the code runs.
 """
+import os
+import sys
 import time
 
 import torch
@@ -144,8 +146,6 @@ def bench_kernels(shapes, device, rows, compile=True, copy_gbps=None, matmul_tfl
 
 
 def main():
-    import os
-    import sys
     if not torch.cuda.is_available():
         sys.exit("kernels/bench.py needs a CUDA GPU (for the CPU check: python bench.py --tiny=True)")
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -66,3 +66,23 @@ def test_goals_judge_gpu_numbers(monkeypatch):
     assert goals["head: triton at or below torch.compile"] is True
     assert goals["rmsnorm: triton faster than torch.compile"] is False
     assert goals["head: triton's extra memory <= 0.9 GiB"] is False
+
+
+def test_a_failing_step_is_reported_and_the_next_ones_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "tiny", True)
+    monkeypatch.setattr(bench, "out_dir", str(tmp_path))
+    monkeypatch.setattr(bench, "run_kernel_tests", lambda selection: (
+        dict(command="pytest", summary="9 passed", passed=True), "9 passed"))
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(bench, "bench_ours", out_of_memory)
+    monkeypatch.setattr(bench, "bench_kernels", lambda shapes, device, rows, **kw: rows.append(
+        dict(op="rmsnorm", impl="triton", ms=1.0, extra_gib=None)))
+    results = bench.main()
+    assert list(results["errors"]) == ["our training steps"]
+    assert "out of memory" in results["errors"]["our training steps"]
+    assert [s["key"] for s in results["steps"]] == ["baseline"] and len(results["kernels"]) == 1
+    assert json.loads((tmp_path / "results.json").read_text())["errors"] == results["errors"]
+    assert "**our training steps failed:** `OutOfMemoryError: CUDA out of memory" in (tmp_path / "results.md").read_text()
