@@ -66,6 +66,8 @@ image_ratio = 0.1  # share of image-caption rows in the mixed steps
 warmup_steps = 2  # steps after the first (compiling) one, before the timed ones
 timed_steps = 8
 kernel_tests = ""  # a pytest -k expression choosing tests/test_kernels.py's tests ("" = all)
+compile = True  # torch.compile the models and the kernels' references (CUDA only, as pretrain.py);
+# False times everything eager, e.g. to still get numbers on a machine where compiling fails
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -80,7 +82,7 @@ def bench_model_config(tiny):
     settings = {}
     path = os.path.join(ROOT, "config", "1b.py")
     with open(path) as f:
-        exec(compile(f.read(), path, "exec"), settings)
+        exec(f.read(), settings)
     vocab, image_id, eot_id = FULL_VOCAB_SIZE, SPECIAL_TOKENS["<|image|>"], SPECIAL_TOKENS["<|endoftext|>"]
     if tiny:
         settings.update(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, ffn_hidden=96, seq_len=32,
@@ -227,6 +229,10 @@ def time_steps(key, name, step, tokens_per_step, flops_per_token, first_step=Tru
     return row
 
 
+def use_compile():
+    return compile and DEVICE == "cuda"  # as pretrain.py: on the CPU compiling costs more than it gives
+
+
 def free_memory():
     gc.collect()
     torch._dynamo.reset()  # drop the compiled graphs, and the tensors they hold
@@ -242,8 +248,7 @@ def bench_ours(loader, config, seq_len, rows):
     with torch.device(DEVICE):
         raw_model = VLM(config)
     optimizer = configure_optimizer(raw_model, 3e-4, 0.1, (0.9, 0.95), DEVICE)
-    # as pretrain.py: compile on CUDA only (on the CPU it costs more than it gives)
-    model = torch.compile(raw_model, dynamic=False) if DEVICE == "cuda" else raw_model
+    model = torch.compile(raw_model, dynamic=False) if use_compile() else raw_model
     vision_params = list(raw_model.vision.parameters())
 
     def step(ratio, host_sync):
@@ -276,7 +281,7 @@ def bench_baseline(loader, config, seq_len, rows):
         model = TextbookLlama(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=DEVICE == "cuda")
-    compiled = torch.compile(model, dynamic=False) if DEVICE == "cuda" else model
+    compiled = torch.compile(model, dynamic=False) if use_compile() else model
 
     def step():
         x, y, _ = loader.next_batch(0.0)
@@ -288,7 +293,7 @@ def bench_baseline(loader, config, seq_len, rows):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    name = "textbook Llama, compiled, text" if DEVICE == "cuda" else "textbook Llama, text"
+    name = "textbook Llama, compiled, text" if use_compile() else "textbook Llama, text"
     rows.append(time_steps("baseline", name, step, batch_size * seq_len, model.flops_per_token(seq_len)))
 
 
@@ -387,7 +392,7 @@ def main():
 
     def kernels_phase():
         results["copy_gbps"], results["matmul_tflops"] = ceilings(DEVICE)
-        bench_kernels(TINY_SHAPES if tiny else ANCHOR_SHAPES, DEVICE, results["kernels"], compile=DEVICE == "cuda",
+        bench_kernels(TINY_SHAPES if tiny else ANCHOR_SHAPES, DEVICE, results["kernels"], compile=use_compile(),
                       copy_gbps=results["copy_gbps"], matmul_tflops=results["matmul_tflops"])
 
     folder = tempfile.TemporaryDirectory()  # the synthetic shards
