@@ -66,6 +66,7 @@ image_ratio = 0.1  # share of image-caption rows in the mixed steps
 warmup_steps = 2  # steps after the first (compiling) one, before the timed ones
 timed_steps = 8
 kernel_tests = ""  # a pytest -k expression choosing tests/test_kernels.py's tests ("" = all)
+use_kernels = True  # our Triton kernels in the model (CUDA only); False: their PyTorch references
 compile = True  # torch.compile the models and the kernels' references (CUDA only, as pretrain.py);
 # False times everything eager, e.g. to still get numbers on a machine where compiling fails
 seed = 1337
@@ -91,9 +92,9 @@ def bench_model_config(tiny):
     fields = {k: v for k, v in settings.items() if k in ModelConfig.__dataclass_fields__}
     # The kernels on CUDA only, as pretrain.py: in Triton's interpreter a CPU step would take
     # minutes (kernels/bench.py still runs them there, at toy sizes).
-    config = ModelConfig(**fields, vocab_size=vocab, block_size=settings["seq_len"], image_token_id=image_id,
-                         use_kernels=DEVICE == "cuda")
-    return config, settings["seq_len"], settings["caption_len"], eot_id
+    fields.update(vocab_size=vocab, block_size=settings["seq_len"], image_token_id=image_id,
+                  use_kernels=use_kernels and DEVICE == "cuda")
+    return ModelConfig(**fields), settings["seq_len"], settings["caption_len"], eot_id
 # ===============================================================================================
 
 
@@ -266,10 +267,11 @@ def bench_ours(loader, config, seq_len, rows):
     print(f"  {config.n_layer} layers, d_model {config.n_embd}: {raw_model.num_params('decoder'):,} decoder + "
           f"{raw_model.num_params('vision'):,} vision params; {batch_size} x {seq_len} tokens per step", flush=True)
     tokens, fpt = batch_size * seq_len, raw_model.flops_per_token(seq_len)
-    rows.append(time_steps("text", "ours, text", lambda: step(0.0, False), tokens, fpt))
-    rows.append(time_steps("text_sync", "ours, text, host sync each step (= pretrain.py)",
+    ours = "ours" if config.use_kernels else "ours, kernels off"
+    rows.append(time_steps("text", f"{ours}, text", lambda: step(0.0, False), tokens, fpt))
+    rows.append(time_steps("text_sync", f"{ours}, text, host sync each step (= pretrain.py)",
                            lambda: step(0.0, True), tokens, fpt, first_step=False))
-    rows.append(time_steps("mixed", f"ours, mixed (image_ratio {image_ratio})",
+    rows.append(time_steps("mixed", f"{ours}, mixed (image_ratio {image_ratio})",
                            lambda: step(image_ratio, False), tokens, fpt))
 
 
