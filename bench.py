@@ -170,7 +170,8 @@ def run_kernel_tests(selection):
     cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-p", "no:cacheprovider"]
     cmd += ["-k", selection] if selection else []
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # inherits TRITON_INTERPRET
+    # inherits TRITON_INTERPRET; a hang must not eat the GPU time the other phases need
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     lines = [line for line in output.splitlines() if line.strip()]
     return dict(command=f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} python " + " ".join(cmd[1:]),
