@@ -1,0 +1,431 @@
+"""
+Every GPU number the project reports, from one command on one CUDA GPU (about 6 minutes on an
+H100 or H200, most of it torch.compile; nothing is downloaded):
+
+    python bench.py --out_dir=bench/h100
+    python bench.py --tiny=True --out_dir=/tmp/bench    # the same code at toy sizes, on the CPU
+
+In order:
+1. tests/test_kernels.py with the Triton kernels compiled (TRITON_INTERPRET=0): pass or fail.
+2. Training steps of config/1b.py's model as pretrain.py runs it (bf16 autocast,
+   torch.compile, our kernels, fused AdamW, common.train_step, synthetic shards through the real
+   loader), batch_size x 2048 tokens on one GPU: text-only batches, the same with pretrain.py's
+   per-step host sync, and mixed batches (image_ratio of the rows are image-caption rows).
+   For each: tokens/s, MFU, peak memory, first-step (compile) time.
+3. In the same process, the baseline to beat: a plain textbook Llama of the same shape
+   (nn.Linear head + F.cross_entropy over the full logits), compiled, on the same text batches.
+4. kernels/bench.py: each kernel against eager PyTorch and torch.compile of its reference, at
+   the 1B model's sizes (forward + backward, bf16: median time and extra peak memory).
+results.json (everything, raw), results.md (the tables, and issue #16's goals, each marked met
+or not) and kernel_tests.txt go to out_dir, rewritten after every step, so a run cut short
+keeps what it measured. A step that fails (say, out of memory) is reported and the next runs.
+
+MFU is pretrain.py's: model.flops_per_token(seq_len) x tokens/s over the card's dense bf16
+peak from common.peak_flops (decoder matmul FLOPs only; the vision tower's are not counted).
+"""
+
+import datetime
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Triton reads TRITON_INTERPRET when the kernels are defined, at import: the compiled kernels on a
+# GPU, Triton's CPU interpreter elsewhere.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+os.environ["TRITON_INTERPRET"] = "0" if DEVICE == "cuda" else "1"
+
+import triton  # noqa: E402
+
+from common import autocast_context, peak_flops, train_step  # noqa: E402
+from configurator import apply_overrides  # noqa: E402
+from data import shards  # noqa: E402
+from data.loader import PretrainLoader  # noqa: E402
+from data.tokenizer import FULL_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
+from kernels.bench import ANCHOR_SHAPES, TINY_SHAPES, bench_kernels, ceilings  # noqa: E402
+from model import VLM, ModelConfig, configure_optimizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GiB = 2**30
+
+# -----------------------------------------------------------------------------
+out_dir = "bench"
+tiny = False  # toy sizes that run on the CPU in seconds (what tests/test_bench.py runs)
+batch_size = 8  # rows per step (config/1b.py's per-GPU micro-batch)
+image_ratio = 0.1  # share of image-caption rows in the mixed steps
+warmup_steps = 2  # steps after the first (compiling) one, before the timed ones
+timed_steps = 8
+kernel_tests = ""  # a pytest -k expression choosing tests/test_kernels.py's tests ("" = all)
+use_kernels = True  # our Triton kernels in the model (CUDA only); False: their PyTorch references
+compile = True  # torch.compile the models and the kernels' references (CUDA only, as pretrain.py);
+# False times everything eager, e.g. to still get numbers on a machine where compiling fails
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+# === THE MODEL THAT IS TIMED ===================================================================
+# The one place that turns config/1b.py into a model. It mirrors pretrain.py's ModelConfig(...)
+# call: every setting of config/1b.py that is a ModelConfig field is passed on as is. Adapt it
+# here when model.py or config/1b.py change.
+def bench_model_config(tiny):
+    """(ModelConfig, seq_len, caption_len, eot_id): config/1b.py's model with the full cl100k
+    vocabulary (real data has no compact vocabulary), or toy sizes when tiny."""
+    settings = {}
+    path = os.path.join(ROOT, "config", "1b.py")
+    with open(path) as f:
+        exec(f.read(), settings)
+    vocab, image_id, eot_id = FULL_VOCAB_SIZE, SPECIAL_TOKENS["<|image|>"], SPECIAL_TOKENS["<|endoftext|>"]
+    if tiny:
+        settings.update(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, ffn_hidden=96, seq_len=32,
+                        image_size=16, patch_size=8, vit_depth=1, vit_width=32, vit_heads=2, caption_len=8)
+        vocab, image_id, eot_id = 500, 498, 499
+    fields = {k: v for k, v in settings.items() if k in ModelConfig.__dataclass_fields__}
+    # The kernels on CUDA only, as pretrain.py: in Triton's interpreter a CPU step would take
+    # minutes (kernels/bench.py still runs them there, at toy sizes).
+    fields.update(vocab_size=vocab, block_size=settings["seq_len"], image_token_id=image_id,
+                  use_kernels=use_kernels and DEVICE == "cuda")
+    return ModelConfig(**fields), settings["seq_len"], settings["caption_len"], eot_id
+# ===============================================================================================
+
+
+class TextbookLlama(nn.Module):
+    """The baseline: a Llama-style decoder the way a tutorial writes it, in plain PyTorch. Same
+    shape and parameter count as our decoder, but separate q/k/v and SwiGLU matmuls, nn.RMSNorm,
+    rotate-half rotary, and an nn.Linear head whose full [tokens, vocab] logits go to
+    F.cross_entropy. Only torch.compile speeds it up."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.n_layer, self.n_embd, self.n_head, self.n_kv_head = c.n_layer, c.n_embd, c.n_head, c.n_kv_head
+        hd = c.n_embd // c.n_head
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.layers = nn.ModuleList()
+        for _ in range(c.n_layer):
+            layer = nn.Module()
+            layer.attn_norm, layer.mlp_norm = nn.RMSNorm(c.n_embd, c.norm_eps), nn.RMSNorm(c.n_embd, c.norm_eps)
+            layer.wq = nn.Linear(c.n_embd, c.n_head * hd, bias=False)
+            layer.wk = nn.Linear(c.n_embd, c.n_kv_head * hd, bias=False)
+            layer.wv = nn.Linear(c.n_embd, c.n_kv_head * hd, bias=False)
+            layer.wo = nn.Linear(c.n_embd, c.n_embd, bias=False)
+            layer.w1 = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
+            layer.w3 = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
+            layer.w2 = nn.Linear(c.ffn_hidden, c.n_embd, bias=False)
+            self.layers.append(layer)
+        self.norm = nn.RMSNorm(c.n_embd, c.norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
+        angles = torch.outer(torch.arange(c.block_size).float(), inv_freq).repeat(1, 2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def flops_per_token(self, seq_len):
+        """The same count as model.VLM.flops_per_token."""
+        matmul_params = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel()
+        return 6 * matmul_params + 6 * self.n_layer * self.n_embd * seq_len
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        cos, sin = self.cos[:T], self.sin[:T]
+
+        def rotate(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+        x = self.wte(idx)
+        for layer in self.layers:
+            h = layer.attn_norm(x)
+            q = layer.wq(h).view(B, T, self.n_head, -1).transpose(1, 2)
+            k = layer.wk(h).view(B, T, self.n_kv_head, -1).transpose(1, 2)
+            v = layer.wv(h).view(B, T, self.n_kv_head, -1).transpose(1, 2)
+            y = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+            x = x + layer.wo(y.transpose(1, 2).reshape(B, T, -1))
+            h = layer.mlp_norm(x)
+            x = x + layer.w2(F.silu(layer.w1(h)) * layer.w3(h))
+        logits = self.lm_head(self.norm(x))
+        return F.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=-1)
+
+
+def write_atomic(path, text):
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def run_kernel_tests(selection):
+    """tests/test_kernels.py in a subprocess: compiled on a GPU, interpreted on the CPU."""
+    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-p", "no:cacheprovider"]
+    cmd += ["-k", selection] if selection else []
+    start = time.perf_counter()
+    # inherits TRITON_INTERPRET; a hang must not eat the GPU time the other phases need
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if line.strip()]
+    return dict(command=f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} python " + " ".join(cmd[1:]),
+                passed=proc.returncode == 0, summary=lines[-1] if lines else "(no output)",
+                seconds=time.perf_counter() - start), output
+
+
+def synthetic_loader(folder, config, seq_len, caption_len, eot_id):
+    """The real loader over small random shards in the real formats (it wraps around them)."""
+    rng = np.random.default_rng(seed)
+    ordinary = min(100000, config.vocab_size - 10)  # below every special token
+    text = os.path.join(folder, "text.bin")
+    shards.write_text_shard(text, rng.integers(0, ordinary, 64 * batch_size * seq_len + 1), config.vocab_size)
+    captions = os.path.join(folder, "captions.bin")
+    n, s = 64, config.image_size
+    shards.write_image_caption_shard(captions, rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+                                     [rng.integers(0, ordinary, caption_len) for _ in range(n)], config.vocab_size)
+    return PretrainLoader([text], [captions], batch_size, seq_len, config.tokens_per_image, caption_len,
+                          config.image_token_id, eot_id, config.vocab_size, device=DEVICE)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(key, name, step, tokens_per_step, flops_per_token, first_step=True):
+    """Runs step() once (when first_step: the call that compiles), warmup_steps times, then
+    timed_steps times with no host sync in between; returns the variant's row."""
+    first_s = None
+    if first_step:
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        first_s = time.perf_counter() - start
+    for _ in range(warmup_steps):
+        step()
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        loss = step()
+    sync()
+    step_s = (time.perf_counter() - start) / timed_steps
+    peak = peak_flops(DEVICE)
+    tokens_per_s = tokens_per_step / step_s
+    row = dict(key=key, variant=name, tokens_per_s=tokens_per_s, step_ms=1e3 * step_s,
+               mfu=flops_per_token * tokens_per_s / peak if peak else None,
+               peak_gib=torch.cuda.max_memory_allocated() / GiB if DEVICE == "cuda" else None,
+               first_step_s=first_s, compile_s=first_s - step_s if first_s is not None else None,
+               loss=float(loss), flops_per_token=flops_per_token)
+    mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] else ""
+    print(f"  {name:<44} {tokens_per_s:10,.0f} tok/s{mfu}, {row['step_ms']:.1f} ms/step, loss {row['loss']:.3f}",
+          flush=True)
+    return row
+
+
+def use_compile():
+    return compile and DEVICE == "cuda"  # as pretrain.py: on the CPU compiling costs more than it gives
+
+
+def free_memory():
+    gc.collect()
+    torch._dynamo.reset()  # drop the compiled graphs, and the tensors they hold
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_ours(loader, config, seq_len, rows):
+    """Our model as pretrain.py trains it. One compiled module: the text graph compiled by the
+    first variant is reused by the second; the mixed steps compile a second graph."""
+    autocast = autocast_context(DEVICE, "bfloat16")
+    torch.manual_seed(seed)
+    with torch.device(DEVICE):
+        raw_model = VLM(config)
+    optimizer = configure_optimizer(raw_model, 3e-4, 0.1, (0.9, 0.95), DEVICE)
+    model = torch.compile(raw_model, dynamic=False) if use_compile() else raw_model
+    vision_params = list(raw_model.vision.parameters())
+
+    def step(ratio, host_sync):
+        """pretrain.py's step, less the loss sums it keeps for logging."""
+        rows_before = loader.state["image_rows"]
+        batch = loader.next_batch(ratio)
+        token_losses, grad_norm = train_step(model, optimizer, [batch], autocast, vision_params,
+                                             loader.state["image_rows"] > rows_before, grad_clip=1.0)
+        if host_sync:
+            math.isfinite(grad_norm.item())  # pretrain.py checks the norm on the host every step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return token_losses[0].sum() / (batch[1] != -1).sum()
+
+    print(f"  {config.n_layer} layers, d_model {config.n_embd}: {raw_model.num_params('decoder'):,} decoder + "
+          f"{raw_model.num_params('vision'):,} vision params; {batch_size} x {seq_len} tokens per step", flush=True)
+    tokens, fpt = batch_size * seq_len, raw_model.flops_per_token(seq_len)
+    ours = "ours" if config.use_kernels else "ours, kernels off"
+    rows.append(time_steps("text", f"{ours}, text", lambda: step(0.0, False), tokens, fpt))
+    rows.append(time_steps("text_sync", f"{ours}, text, host sync each step (= pretrain.py)",
+                           lambda: step(0.0, True), tokens, fpt, first_step=False))
+    rows.append(time_steps("mixed", f"{ours}, mixed (image_ratio {image_ratio})",
+                           lambda: step(image_ratio, False), tokens, fpt))
+
+
+def bench_baseline(loader, config, seq_len, rows):
+    """The textbook Llama on the same text batches: fused AdamW, clipping, compiled."""
+    autocast = autocast_context(DEVICE, "bfloat16")
+    torch.manual_seed(seed)
+    with torch.device(DEVICE):
+        model = TextbookLlama(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=DEVICE == "cuda")
+    compiled = torch.compile(model, dynamic=False) if use_compile() else model
+
+    def step():
+        x, y, _ = loader.next_batch(0.0)
+        with autocast:
+            loss = compiled(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    name = "textbook Llama, compiled, text" if use_compile() else "textbook Llama, text"
+    rows.append(time_steps("baseline", name, step, batch_size * seq_len, model.flops_per_token(seq_len)))
+
+
+def goals(r):
+    """Issue #16's targets that this run's results speak to: (goal, measured, met). met is None
+    off a GPU, where the numbers say nothing about them."""
+    out = []
+
+    def add(goal, measured, met):
+        out.append((goal, measured, met if DEVICE == "cuda" else None))
+
+    if "kernel_tests" in r:
+        add("kernel tests pass, compiled", r["kernel_tests"]["summary"], r["kernel_tests"]["passed"])
+    steps = {s["key"]: s for s in r["steps"]}
+    for key, target in (("text", 0.60), ("mixed", 0.55)):
+        if key in steps and steps[key]["mfu"] is not None:
+            mfu = steps[key]["mfu"]
+            add(f"MFU, {key} steps >= {100 * target:.0f}%", f"{100 * mfu:.1f}%", mfu >= target)
+    for key in ("text", "mixed"):
+        if key in steps and "baseline" in steps:
+            ratio = steps[key]["tokens_per_s"] / steps["baseline"]["tokens_per_s"]
+            add(f"tokens/s, {key} / textbook compiled >= 1.2x", f"{ratio:.2f}x", ratio >= 1.2)
+    for key in ("text", "mixed"):
+        if key in steps and steps[key]["peak_gib"] is not None:
+            gib = steps[key]["peak_gib"]
+            add(f"peak memory, {key}, batch {batch_size} <= 45 GiB", f"{gib:.1f} GiB", gib <= 45)
+    k = {(row["op"], row["impl"]): row for row in r["kernels"]}
+    for op in ("head", "rmsnorm", "swiglu"):
+        if (op, "triton") in k and (op, "torch.compile") in k:
+            ours, compiled = k[(op, "triton")]["ms"], k[(op, "torch.compile")]["ms"]
+            add(f"{op}: triton {'at or below' if op == 'head' else 'faster than'} torch.compile",
+                f"{ours:.3f} vs {compiled:.3f} ms", ours <= compiled if op == "head" else ours < compiled)
+    if ("head", "triton") in k and k[("head", "triton")]["extra_gib"] is not None:
+        extra = k[("head", "triton")]["extra_gib"]
+        add("head: triton's extra memory <= 0.9 GiB", f"{extra:.2f} GiB", extra <= 0.9)
+    return out
+
+
+def markdown(r):
+    def num(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    lines = [f"# bench.py on {r['device']}", "",
+             f"{r['date']}; torch {r['torch']}, triton {r['triton']}, CUDA {r['cuda']}; {r['seconds']:.0f} s in all."]
+    if r["peak_flops"]:
+        lines[-1] += (f" Dense bf16 peak {r['peak_flops'] / 1e12:.0f} TFLOP/s (common.PEAK_BF16_FLOPS); measured here: "
+                      f"copy {num(r['copy_gbps'], '.0f')} GB/s (read + write), 8192^3 bf16 matmul "
+                      f"{num(r['matmul_tflops'], '.0f')} TFLOP/s.")
+    lines += ["", f"Command: `{r['command']}`", ""]
+    for phase, error in r["errors"].items():
+        lines += [f"**{phase} failed:** `{error}`", ""]
+    if "kernel_tests" in r:
+        lines += [f"Kernel tests: `{r['kernel_tests']['command']}`: {r['kernel_tests']['summary']}", ""]
+    if r["kernels"]:
+        lines += ["Kernels, forward + backward, median; extra peak = memory above the inputs:", "",
+                  "| op | implementation | ms | extra peak GiB | GB/s | % of copy | TFLOP/s | % of matmul |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for k in r["kernels"]:
+            lines.append(f"| {k['op']} | {k['impl']} | {k['ms']:.3f} | {num(k['extra_gib'], '.3f')} | "
+                         f"{num(k.get('gbps'), '.0f')} | {num(k.get('pct_of_copy'), '.1f')} | "
+                         f"{num(k.get('tflops'), '.0f')} | {num(k.get('pct_of_matmul'), '.1f')} |")
+        lines.append("")
+    if r["steps"]:
+        lines += [f"Training steps of {batch_size} x {r['seq_len']} tokens: the mean of {timed_steps} steps after "
+                  f"{warmup_steps} warm-up ones; peak = max allocated over the timed steps; first step = "
+                  "compile + one step:", "",
+                  "| variant | tokens/s | MFU % | ms/step | peak GiB | first step s | loss |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for s in r["steps"]:
+            lines.append(f"| {s['variant']} | {s['tokens_per_s']:,.0f} | {num(s['mfu'] and 100 * s['mfu'], '.1f')} | "
+                         f"{s['step_ms']:.1f} | {num(s['peak_gib'], '.1f')} | {num(s['first_step_s'], '.1f')} | "
+                         f"{s['loss']:.3f} |")
+        lines.append("")
+    lines += ["| goal (issue #16) | measured | met |", "|---|---|---|"]
+    for goal, measured, met in r["goals"]:
+        lines.append(f"| {goal} | {measured} | {'n/a' if met is None else 'yes' if met else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    """Runs every phase; returns the results (also written to out_dir)."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU",
+                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                   command="python " + " ".join(sys.argv), peak_flops=peak_flops(DEVICE),
+                   copy_gbps=None, matmul_tflops=None, kernels=[], steps=[], errors={})
+    config, seq_len, caption_len, eot_id = bench_model_config(tiny)
+    results["seq_len"] = seq_len
+    start = time.perf_counter()
+
+    def kernel_tests_phase():
+        results["kernel_tests"], output = run_kernel_tests(kernel_tests)
+        write_atomic(os.path.join(out_dir, "kernel_tests.txt"), output)
+        print(f"  {results['kernel_tests']['summary']}", flush=True)
+
+    def kernels_phase():
+        results["copy_gbps"], results["matmul_tflops"] = ceilings(DEVICE)
+        bench_kernels(TINY_SHAPES if tiny else ANCHOR_SHAPES, DEVICE, results["kernels"], compile=use_compile(),
+                      copy_gbps=results["copy_gbps"], matmul_tflops=results["matmul_tflops"])
+
+    folder = tempfile.TemporaryDirectory()  # the synthetic shards
+    loader = synthetic_loader(folder.name, config, seq_len, caption_len, eot_id)
+    # the kernel timings last: if the run is cut short, they are the cheapest to redo alone
+    # (python -m kernels.bench)
+    phases = [("kernel tests", kernel_tests_phase),
+              ("our training steps", lambda: bench_ours(loader, config, seq_len, results["steps"])),
+              ("baseline training steps", lambda: bench_baseline(loader, config, seq_len, results["steps"])),
+              ("kernels", kernels_phase)]
+    for i, (name, phase) in enumerate(phases):
+        in_use = f", {torch.cuda.memory_allocated() / GiB:.1f} GiB allocated" if DEVICE == "cuda" else ""
+        print(f"{i + 1}. {name} ({time.perf_counter() - start:.0f} s{in_use})", flush=True)
+        # One failure (a kernel that does not compile, an out-of-memory) must not cost the
+        # other phases' numbers: GPU time is scarce.
+        try:
+            phase()
+        except Exception as e:
+            traceback.print_exc()
+            results["errors"][name] = f"{type(e).__name__}: {e}"
+        free_memory()
+        # written after every phase, so a run cut short still leaves what it measured
+        results["goals"], results["seconds"] = goals(results), time.perf_counter() - start
+        write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+        write_atomic(os.path.join(out_dir, "results.md"), markdown(results))
+    folder.cleanup()
+    print(f"\n{markdown(results)}\nall in {results['seconds']:.0f} s; written to {out_dir}/", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
+    sys.exit(1 if main()["errors"] else 0)
