@@ -87,14 +87,19 @@ def bench_model_config(tiny):
     vocab, image_id, eot_id = FULL_VOCAB_SIZE, SPECIAL_TOKENS["<|image|>"], SPECIAL_TOKENS["<|endoftext|>"]
     if tiny:
         settings.update(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, ffn_hidden=96, seq_len=32,
-                        image_size=16, patch_size=8, vit_depth=1, vit_width=32, vit_heads=2, caption_len=8)
+                        image_size=16, patch_size=8, vit_depth=1, vit_width=32, vit_heads=2, caption_len=8,
+                        vision_encoder="patches", freeze_vision=False)
         vocab, image_id, eot_id = 500, 498, 499
     fields = {k: v for k, v in settings.items() if k in ModelConfig.__dataclass_fields__}
+    # pretrain.py's vision_encoder names a Hub checkpoint; ModelConfig's says which tower to
+    # build. ModelConfig's SigLIP defaults are SigLIP-B/16's shape, so nothing is downloaded.
+    fields["vision_encoder"] = "patches" if settings.get("vision_encoder", "patches") == "patches" else "siglip"
+    freeze_vision = settings.get("freeze_vision", False)
     # The kernels on CUDA only, as pretrain.py: in Triton's interpreter a CPU step would take
     # minutes (kernels/bench.py still runs them there, at toy sizes).
     fields.update(vocab_size=vocab, block_size=settings["seq_len"], image_token_id=image_id,
                   use_kernels=use_kernels and DEVICE == "cuda")
-    return ModelConfig(**fields), settings["seq_len"], settings["caption_len"], eot_id
+    return ModelConfig(**fields), freeze_vision, settings["seq_len"], settings["caption_len"], eot_id
 # ===============================================================================================
 
 
@@ -117,6 +122,9 @@ class TextbookLlama(nn.Module):
             layer.wk = nn.Linear(c.n_embd, c.n_kv_head * hd, bias=False)
             layer.wv = nn.Linear(c.n_embd, c.n_kv_head * hd, bias=False)
             layer.wo = nn.Linear(c.n_embd, c.n_embd, bias=False)
+            # qk-norm as our decoder has it (config/1b.py, OpenLM): LayerNorm over all heads' q, k
+            layer.q_norm = nn.LayerNorm(c.n_head * hd, c.norm_eps, bias=False) if c.qk_norm else nn.Identity()
+            layer.k_norm = nn.LayerNorm(c.n_kv_head * hd, c.norm_eps, bias=False) if c.qk_norm else nn.Identity()
             layer.w1 = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
             layer.w3 = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
             layer.w2 = nn.Linear(c.ffn_hidden, c.n_embd, bias=False)
@@ -147,8 +155,8 @@ class TextbookLlama(nn.Module):
         x = self.wte(idx)
         for layer in self.layers:
             h = layer.attn_norm(x)
-            q = layer.wq(h).view(B, T, self.n_head, -1).transpose(1, 2)
-            k = layer.wk(h).view(B, T, self.n_kv_head, -1).transpose(1, 2)
+            q = layer.q_norm(layer.wq(h)).view(B, T, self.n_head, -1).transpose(1, 2)
+            k = layer.k_norm(layer.wk(h)).view(B, T, self.n_kv_head, -1).transpose(1, 2)
             v = layer.wv(h).view(B, T, self.n_kv_head, -1).transpose(1, 2)
             y = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True,
                                                enable_gqa=self.n_kv_head != self.n_head)
@@ -242,16 +250,17 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def bench_ours(loader, config, seq_len, rows):
+def bench_ours(loader, config, freeze_vision, seq_len, rows):
     """Our model as pretrain.py trains it. One compiled module: the text graph compiled by the
     first variant is reused by the second; the mixed steps compile a second graph."""
     autocast = autocast_context(DEVICE, "bfloat16")
     torch.manual_seed(seed)
     with torch.device(DEVICE):
         raw_model = VLM(config)
+    raw_model.vision.encoder.requires_grad_(not freeze_vision)  # as pretrain.py: a frozen tower has no optimizer state
     optimizer = configure_optimizer(raw_model, 3e-4, 0.1, (0.9, 0.95), DEVICE)
     model = torch.compile(raw_model, dynamic=False) if use_compile() else raw_model
-    vision_params = list(raw_model.vision.parameters())
+    vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
 
     def step(ratio, host_sync):
         """pretrain.py's step, less the loss sums it keeps for logging."""
@@ -384,7 +393,7 @@ def main():
                    torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                    command="python " + " ".join(sys.argv), peak_flops=peak_flops(DEVICE),
                    copy_gbps=None, matmul_tflops=None, kernels=[], steps=[], errors={})
-    config, seq_len, caption_len, eot_id = bench_model_config(tiny)
+    config, freeze_vision, seq_len, caption_len, eot_id = bench_model_config(tiny)
     results["seq_len"] = seq_len
     start = time.perf_counter()
 
@@ -403,7 +412,7 @@ def main():
     # the kernel timings last: if the run is cut short, they are the cheapest to redo alone
     # (python -m kernels.bench)
     phases = [("kernel tests", kernel_tests_phase),
-              ("our training steps", lambda: bench_ours(loader, config, seq_len, results["steps"])),
+              ("our training steps", lambda: bench_ours(loader, config, freeze_vision, seq_len, results["steps"])),
               ("baseline training steps", lambda: bench_baseline(loader, config, seq_len, results["steps"])),
               ("kernels", kernels_phase)]
     for i, (name, phase) in enumerate(phases):
