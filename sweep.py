@@ -28,6 +28,7 @@ end at stop_at_iter and continue with init_from=resume; a preempted job is reque
 and continues from its out_dir/ckpt.pt.
 """
 
+import ast
 import concurrent.futures
 import contextlib
 import csv
@@ -146,7 +147,6 @@ def frac_ckpt(directory, frac):
 def script_settings(script, args):
     """The settings `script args` would run with, without running it: the script's literal
     defaults (the assignments at its top) with the config files and --key=value applied."""
-    import ast
     with open(os.path.join(ROOT, script)) as f:
         tree = ast.parse(f.read())
     settings = {}
@@ -363,10 +363,10 @@ def job_script(stage, part, parts, stop_at):
     finds out_dir/ckpt.pt and continues from it with init_from=resume; only the last part of a
     stage that succeeds writes DONE. A failure leaves FAILED, for the next invocation to report."""
     d = stage.out_dir
+    job_nodes = 1 if stage.script == "evaluate.py" else nodes
     options = [f"--job-name={stage.label.replace(' ', '_')}", f"--chdir={ROOT}",  # the stages' paths start there
-               f"--output={d}/stdout.txt", "--open-mode=append",
-               f"--nodes={1 if stage.script == 'evaluate.py' else nodes}", "--ntasks-per-node=1",
-               f"--gpus-per-node={gpus(stage) if stage.script == 'evaluate.py' else nproc}", f"--time={time_limit}",
+               f"--output={d}/stdout.txt", "--open-mode=append", f"--nodes={job_nodes}", "--ntasks-per-node=1",
+               f"--gpus-per-node={gpus(stage) // job_nodes}", f"--time={time_limit}",
                "--requeue", "--kill-on-invalid-dep=yes",
                *([f"--partition={partition}"] if partition else []), *([f"--account={account}"] if account else []),
                *sbatch_lines]
@@ -519,7 +519,8 @@ def estimate(stage, ckpt_bytes):
 
 def print_estimates(stages):
     ckpt_bytes = checkpoint_bytes()
-    kinds = {}  # kind of stage -> [GPU-hours, bytes, of which to run: GPU-hours, bytes]
+    kinds = {}  # kind of stage -> [GPU-hours, bytes, of which still to run: GPU-hours, bytes]
+    hours_alone, finish = {}, {}  # stage -> its wall hours; when it ends if every cell runs at once
     print(f"\nestimates at {gpu_tokens_per_s:,.0f} tokens/s per GPU, {ckpt_bytes / 1e9:.2f} GB per checkpoint:")
     for stage in stages:
         hours, size = estimate(stage, ckpt_bytes)
@@ -529,18 +530,17 @@ def print_estimates(stages):
         if stage.run:
             total[2] += hours
             total[3] += size
+        hours_alone[stage.label] = hours / gpus(stage) if stage.run else 0.0
+        finish[stage.label] = hours_alone[stage.label] + max((finish[s.label] for s in stage.needs), default=0.0)
         print(f"  {stage.label}: {hours:,.1f} GPU-h, {size / 1e9:,.1f} GB" + ("" if stage.run else " (done)"))
     print("per kind of stage, all / still to run:")
     for kind, (hours, size, run_hours, run_size) in kinds.items():
         print(f"  {kind}: {hours:,.1f} / {run_hours:,.1f} GPU-h, {size / 1e9:,.1f} / {run_size / 1e9:,.1f} GB")
-    # Wall time if every cell runs at once: the longest chain of stages that still run
-    finish = {}
-    for stage in stages:
-        own = estimate(stage, ckpt_bytes)[0] / gpus(stage) if stage.run else 0.0
-        finish[stage.label] = own + max((finish[s.label] for s in stage.needs), default=0.0)
-    print(f"total: {sum(k[0] for k in kinds.values()):,.1f} GPU-h, {sum(k[1] for k in kinds.values()) / 1e9:,.1f} GB; "
-          f"still to run {sum(k[2] for k in kinds.values()):,.1f} GPU-h, {sum(k[3] for k in kinds.values()) / 1e9:,.1f} GB; "
-          f"{max(finish.values()):,.1f} hours with every cell running at once")
+    wall = (f"{max(finish.values()):,.1f} hours with every cell running at once" if launcher == "slurm" else
+            f"{sum(hours_alone.values()):,.1f} hours one stage after another")
+    total = [sum(k[i] for k in kinds.values()) for i in range(4)]
+    print(f"total: {total[0]:,.1f} GPU-h, {total[1] / 1e9:,.1f} GB; still to run {total[2]:,.1f} GPU-h, "
+          f"{total[3] / 1e9:,.1f} GB; {wall}")
 
 
 def print_local_plan(stages):

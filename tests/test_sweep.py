@@ -253,6 +253,19 @@ def test_slurm_dry_run_prints_every_job_and_submits_nothing(data_dir, slurm_dir,
     training = float(total[1]) - 4 * 1.0
     assert float(slower_total[1]) == pytest.approx(2 * training + 4 * 0.5, abs=0.15)
     assert slower_total[2] == total[2]  # the same checkpoints
+    # several nodes: torchrun on each, meeting at the first; evaluation stays one process
+    code, output = sweep(data_dir, slurm_dir, (0.0,), (0.2,), *SLURM_ARGS, "--dry_run=True", "--nodes=2",
+                         "--nproc=4", env=slurm)
+    assert code == 0, output
+    lines = output.splitlines()
+    text_command, eval_command = (lines[i + 1] for i, line in enumerate(lines) if "part 1 of" in line
+                                  and ("text run" in line or "evaluation" in line))
+    for word in ("-m torch.distributed.run", "--nnodes=$SLURM_NNODES", "--rdzv_backend=c10d", "--nproc_per_node=4"):
+        assert word in text_command
+    assert "torch.distributed.run" not in eval_command and "evaluate.py" in eval_command
+    code, output = sweep(data_dir, slurm_dir, (0.0,), (0.2,), *SLURM_ARGS, "--dry_run=True", "--time_limit=soon",
+                         env=slurm)
+    assert code != 0 and "time_limit 'soon' is not a SLURM time" in output
 
 
 @pytest.fixture(scope="module")
