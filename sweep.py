@@ -170,7 +170,8 @@ def plan():
     stages = []
     for seed in seeds:
         text_dir = os.path.join(seed_dir(seed), "text")
-        common = [pretrain_config, *pretrain_args, *DATA, f"--seed={seed}", "--vision_start_frac=1.0", "--image_iters=0"]
+        common = [pretrain_config, *pretrain_args, *DATA, f"--seed={seed}",
+                  "--vision_start_frac=1.0", "--image_iters=0"]
         # The DONE record leaves save_fracs out, so that a run made for another grid still counts.
         text = Stage(f"seed {seed} text run", "text run", text_dir, "pretrain.py",
                      common + [f"--out_dir={text_dir}", f"--save_fracs={tuple(fracs)}"],
@@ -190,9 +191,9 @@ def plan():
                                  f"--stop_at_iter={round(frac * max_iters)}"]
                 needs = [have[max(earlier)]] if earlier and have[max(earlier)] else []
                 made_by[frac] = have[frac] = Stage(
-                    f"seed {seed} text run, extended to {frac:.2f}", "text run extension", extend_dir, "pretrain.py", args,
-                    ["pretrain.py", *args], needs, (seed,), (round(max(earlier, default=0.0) * max_iters),
-                                                             round(frac * max_iters)),
+                    f"seed {seed} text run, extended to {frac:.2f}", "text run extension", extend_dir,
+                    "pretrain.py", args, ["pretrain.py", *args], needs, (seed,),
+                    (round(max(earlier, default=0.0) * max_iters), round(frac * max_iters)),
                     moved_ckpt=(frac_ckpt(extend_dir, frac), frac_ckpt(text_dir, frac)))
                 stages.append(made_by[frac])
         for frac in fracs:
@@ -220,15 +221,16 @@ def cell_stages(seed, frac, ratio, text_stage, max_iters):
                   f"--vision_start_frac={frac}", f"--image_ratio={ratio}",
                   *([f"--save_fracs=({frac},)"] if branch_point_ckpt else [])]
     image_iters = script_settings("pretrain.py", image_args)["image_iters"]
-    image = Stage(f"{label} image phase", "image phase", pretrain_dir, "pretrain.py", image_args, ["pretrain.py", *image_args],
-                  [text_stage], (seed, frac, ratio), (round(frac * max_iters), round(frac * max_iters) + image_iters))
+    start = round(frac * max_iters)
+    image = Stage(f"{label} image phase", "image phase", pretrain_dir, "pretrain.py", image_args,
+                  ["pretrain.py", *image_args], [text_stage], (seed, frac, ratio), (start, start + image_iters))
     finetune_args_ = [sft_config, *finetune_args, *DATA, f"--seed={seed}", f"--out_dir={finetune_dir}",
                       f"--init_from={os.path.join(pretrain_dir, 'ckpt.pt')}"]
     finetune = Stage(f"{label} fine-tuning", "fine-tuning", finetune_dir, "finetune.py", finetune_args_,
                      ["finetune.py", *finetune_args_], [image], (seed, frac, ratio))
     evaluate_args_ = [f"--ckpt={os.path.join(finetune_dir, 'ckpt.pt')}", *DATA, *evaluate_args]
-    evaluate = Stage(f"{label} evaluation", "evaluation", os.path.join(directory, "evaluate"), "evaluate.py", evaluate_args_,
-                     ["evaluate.py", *evaluate_args_], [finetune], (seed, frac, ratio))
+    evaluate = Stage(f"{label} evaluation", "evaluation", os.path.join(directory, "evaluate"), "evaluate.py",
+                     evaluate_args_, ["evaluate.py", *evaluate_args_], [finetune], (seed, frac, ratio))
     return [image, finetune, evaluate]
 
 
@@ -364,7 +366,8 @@ def job_script(stage, part, parts, stop_at):
     stage that succeeds writes DONE. A failure leaves FAILED, for the next invocation to report."""
     d = stage.out_dir
     job_nodes = 1 if stage.script == "evaluate.py" else nodes
-    options = [f"--job-name={stage.label.replace(' ', '_')}", f"--chdir={ROOT}",  # the stages' paths start there
+    options = [f"--job-name={stage.label.replace(',', '').replace(' ', '_')}",
+               f"--chdir={ROOT}",  # where the stages' paths start, as for the local launcher
                f"--output={d}/stdout.txt", "--open-mode=append", f"--nodes={job_nodes}", "--ntasks-per-node=1",
                f"--gpus-per-node={gpus(stage) // job_nodes}", f"--time={time_limit}",
                "--requeue", "--kill-on-invalid-dep=yes",
@@ -494,10 +497,11 @@ def finetune_steps_and_tokens(stage):
     s = script_settings("finetune.py", stage.args)
     conversations = sft_conversations
     if not conversations:
-        paths = sorted(glob.glob(os.path.join(ROOT, s["data_dir"], s["train_chat"])))
+        pattern = os.path.join(s["data_dir"], s["train_chat"])
+        paths = sorted(glob.glob(os.path.join(ROOT, pattern)))
         if not paths:
-            raise ValueError(f"sft_conversations is 0 and no shards match {os.path.join(s['data_dir'], s['train_chat'])}: "
-                             "set sft_conversations (conversations per epoch) for the estimate")
+            raise ValueError(f"sft_conversations is 0 and no shards match {pattern}: set sft_conversations "
+                             "(conversations per epoch) for the estimate")
         conversations = sum(read_shard(p).num_samples for p in paths)
     seq_len = s["seq_len"] or script_settings("pretrain.py", [pretrain_config, *pretrain_args, *DATA])["seq_len"]
     steps = s["epochs"] * math.ceil(conversations / ((s["batch_size"] - s["text_rows"]) * s["grad_accum"]))

@@ -1,5 +1,6 @@
-"""sweep.py end to end on a miniature study: a tiny toy world, a tiny model, a 2 x 2 grid.
-The tests run in file order: the later ones continue the sweep of the first."""
+"""sweep.py end to end on a miniature study: a tiny toy world, a tiny model, a 2 x 2 grid, with
+the local launcher and, against stand-in sbatch, squeue and srun, with the SLURM launcher.
+The tests run in file order: the later ones continue the sweeps of the earlier ones."""
 
 import csv
 import json
@@ -336,8 +337,9 @@ def test_a_failed_slurm_job_fails_only_its_cell(slurm_run, data_dir, slurm_dir, 
     assert "reused   seed 1337 text run" in output and "reused   seed 1337 frac 0.50 ratio 0.20 evaluation" in output
     queue = run_queue(slurm)
     new = {j["options"]["job-name"]: j["state"] for j in list(queue.values())[before:]}
-    assert new == {"seed_1337_text_run,_extended_to_0.75": "COMPLETED",
-                   **{f"seed_1337_frac_0.75_ratio_0.20_{s}": "COMPLETED" for s in ("image_phase", "fine-tuning", "evaluation")},
+    assert new == {"seed_1337_text_run_extended_to_0.75": "COMPLETED",
+                   **{f"seed_1337_frac_0.75_ratio_0.20_{s}": "COMPLETED"
+                      for s in ("image_phase", "fine-tuning", "evaluation")},
                    **{f"seed_1337_frac_{f}_ratio_1.50_image_phase": "FAILED" for f in ("0.50", "0.75")},
                    **{f"seed_1337_frac_{f}_ratio_1.50_{s}": "CANCELLED" for f in ("0.50", "0.75")
                       for s in ("fine-tuning", "evaluation")}}
