@@ -536,7 +536,11 @@ def print_estimates(stages):
             total[3] += size
         hours_alone[stage.label] = hours / gpus(stage) if stage.run else 0.0
         finish[stage.label] = hours_alone[stage.label] + max((finish[s.label] for s in stage.needs), default=0.0)
-        print(f"  {stage.label}: {hours:,.1f} GPU-h, {size / 1e9:,.1f} GB" + ("" if stage.run else " (done)"))
+        # Only pretrain.py stages are split at time limits (their steps are known before they run)
+        too_long = (launcher == "slurm" and not stage.iters
+                    and hours / gpus(stage) * 3600 > limit_seconds(time_limit) * JOB_TIME_SHARE)
+        print(f"  {stage.label}: {hours:,.1f} GPU-h, {size / 1e9:,.1f} GB" + ("" if stage.run else " (done)")
+              + (f" (more than time_limit {time_limit} allows: raise it)" if too_long else ""))
     print("per kind of stage, all / still to run:")
     for kind, (hours, size, run_hours, run_size) in kinds.items():
         print(f"  {kind}: {hours:,.1f} / {run_hours:,.1f} GPU-h, {size / 1e9:,.1f} / {run_size / 1e9:,.1f} GB")
