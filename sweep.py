@@ -412,12 +412,20 @@ def read_text(path):
         return f.read().strip()
 
 
+def waits_for(stage, needed, needed_parts):
+    """The job of `needed` that `stage` waits for: an image phase starts as soon as the part of
+    the text run that writes its checkpoint is done, anything else when all of `needed` is."""
+    if needed.kind == "text run" and stage.kind == "image phase":
+        return next(job for stop, job in needed_parts if stop >= stage.iters[0])
+    return needed_parts[-1][1]
+
+
 def submit_to_slurm(stages):
     """Submits (or with dry_run prints) a job for every stage that must run and is not queued
     already, each after the jobs of the stages it needs. Returns {cell: status} for the cells
     with a stage queued."""
     queued = queued_job_ids()
-    last_job = {}  # stage label -> the job that finishes it, for the stages waiting on it
+    parts = {}  # stage label -> [(step its job stops at, job id)], for the stages waiting on it
     status, submitted = {}, 0
     for stage in stages:
         if not stage.run:
@@ -426,7 +434,7 @@ def submit_to_slurm(stages):
         marker = read_json(os.path.join(stage.out_dir, "SUBMITTED"))
         same = marker is not None and marker["record"] == stage.record
         if same and marker["jobs"][-1] in queued:
-            last_job[stage.label] = marker["jobs"][-1]
+            parts[stage.label] = list(zip(marker["stops"], marker["jobs"]))
             say(f"queued   {stage.label}: job {', '.join(marker['jobs'])}")
             status.setdefault(stage.cell, f"queued as job {marker['jobs'][-1]}")
             continue
@@ -447,7 +455,8 @@ def submit_to_slurm(stages):
         stops = job_parts(stage, first_iter) if stage.iters else [None]
         jobs = []
         for part, stop_at in enumerate(stops, 1):
-            after = [last_job[s.label] for s in stage.needs if s.label in last_job] if part == 1 else jobs[-1:]
+            after = [waits_for(stage, s, parts[s.label]) for s in stage.needs if s.label in parts] if part == 1 \
+                else jobs[-1:]
             dependency = [f"--dependency=afterok:{':'.join(after)}"] if after else []
             script = job_script(stage, part, len(stops), stop_at)
             if dry_run:
@@ -464,10 +473,10 @@ def submit_to_slurm(stages):
             jobs.append(out.stdout.strip().split(";")[0])  # "id" or "id;cluster"
         if not dry_run:
             write_atomically(os.path.join(stage.out_dir, "SUBMITTED"),
-                             json.dumps({"record": stage.record, "jobs": jobs}))
+                             json.dumps({"record": stage.record, "jobs": jobs, "stops": stops}))
             say(f"submitted {stage.label}: job{'s' * (len(jobs) > 1)} {', '.join(jobs)}"
                 + (f" (it failed before: {failed})" if failed else ""))
-        last_job[stage.label] = jobs[-1]
+        parts[stage.label] = list(zip(stops, jobs))
         submitted += len(jobs)
         status.setdefault(stage.cell, f"queued as job {jobs[-1]}" + (f" (failed before: {failed})" if failed else ""))
     if not dry_run:
@@ -544,7 +553,9 @@ def print_estimates(stages):
     print("per kind of stage, all / still to run:")
     for kind, (hours, size, run_hours, run_size) in kinds.items():
         print(f"  {kind}: {hours:,.1f} / {run_hours:,.1f} GPU-h, {size / 1e9:,.1f} / {run_size / 1e9:,.1f} GB")
-    wall = (f"{max(finish.values()):,.1f} hours with every cell running at once" if launcher == "slurm" else
+    # On SLURM every cell runs at once: at most the longest chain of stages still to run (an image
+    # phase may start before the whole text run is done). Locally, one stage after another.
+    wall = (f"at most {max(finish.values()):,.1f} hours with every cell running at once" if launcher == "slurm" else
             f"{sum(hours_alone.values()):,.1f} hours one stage after another")
     total = [sum(k[i] for k in kinds.values()) for i in range(4)]
     print(f"total: {total[0]:,.1f} GPU-h, {total[1] / 1e9:,.1f} GB; still to run {total[2]:,.1f} GPU-h, "

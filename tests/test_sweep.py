@@ -239,7 +239,9 @@ def test_slurm_dry_run_prints_every_job_and_submits_nothing(data_dir, slurm_dir,
     lines = output.splitlines()
     assert "job #1: seed 1337 text run, part 1 of 3" in output
     assert "job #3: seed 1337 text run, part 3 of 3, after #2" in output
-    assert "job #4: seed 1337 frac 0.00 ratio 0.20 image phase, part 1 of 1, after #3" in output
+    # an image phase waits only for the text run's job that writes its checkpoint (step 0 and step 5)
+    assert "job #4: seed 1337 frac 0.00 ratio 0.20 image phase, part 1 of 1, after #1" in output
+    assert "job #10: seed 1337 frac 0.50 ratio 0.20 image phase, part 1 of 1, after #2" in output
     assert "job #15: seed 1337 frac 0.50 ratio 0.50 evaluation, part 1 of 1, after #14" in output
     command = lines[lines.index(next(line for line in lines if "job #1:" in line)) + 1]
     assert command.strip().startswith("srun ") and "pretrain.py" in command and "--stop_at_iter=4" in command
@@ -295,7 +297,8 @@ def test_slurm_submits_each_stage_once_after_the_stage_it_reads(slurm_run):
         for ratio in ("0.20", "0.50"):
             image, finetune, evaluate = (by_name[f"seed_1337_frac_{frac}_ratio_{ratio}_{stage}"][0]
                                          for stage in ("image_phase", "fine-tuning", "evaluation"))
-            assert image["after"] == ["3"] and finetune["after"] == [image["id"]]
+            assert image["after"] == (["1"] if frac == "0.00" else ["2"])  # the part that writes its checkpoint
+            assert finetune["after"] == [image["id"]]
             assert evaluate["after"] == [finetune["id"]]
     assert "--stop_at_iter=4" in submitted[0]["script"] and "--stop_at_iter=8" in submitted[1]["script"]
     assert "--stop_at_iter" not in submitted[2]["script"]
