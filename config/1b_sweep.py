@@ -1,27 +1,27 @@
-# The study at the paper's scale (config/1b.py) on one node of 8 GPUs:
-# python sweep.py config/1b_sweep.py
+# The study at the paper's scale (config/1b.py), on one node of 8 GPUs or on a SLURM cluster:
+# python sweep.py config/1b_sweep.py --dry_run=True        # the plan and its cost, computed
+# python sweep.py config/1b_sweep.py                        # one node, one stage after another
+# python sweep.py config/1b_sweep.py --launcher=slurm --partition=gpu --account=myproject
 #
-# Expected cost per seed, from DESIGN.md's measured 52.2k tokens/s per H200 (compiled, 1.64B
-# params, 2048 context), assuming DDP over 8 GPUs keeps that rate per GPU:
-#   one step = 256 rows x 2048 = 524,288 tokens
-#   text run:      53,400 steps x 524,288 = 28.0B tokens / 52.2k tok/s = 536k GPU-s =   149 GPU-h
-#   image phase:   the same 28.0B tokens per cell (image_iters = max_iters)  =           149 GPU-h
+# --dry_run computes the cost from the settings below: a stage's tokens / gpu_tokens_per_s. With
+# 52.2k tokens/s per GPU (measured for the compiled 1.64B decoder on one H200, 2048 context, not
+# by us) and assuming DDP over 8 GPUs keeps that rate per GPU, it prints per seed:
+#   text run:      53,400 steps x 256 rows x 2048 = 28.0B tokens                     149 GPU-h
+#   image phase:   the same 28.0B tokens per cell (image_iters = max_iters) x 12  1,788 GPU-h
 #                  (the 12-layer ViT over 6 x 256 patches adds ~6% to an image row, so at most
-#                  +2% at ratio 0.3: left out); 6 fractions x 2 ratios = 12 cells = 1,788 GPU-h
+#                  +2% at ratio 0.3: left out)
 #   fine-tuning:   665k conversations (LLaVA-665k) x 2 epochs x 2,048 positions (config/1b_sft.py
-#                  pads every conversation to seq_len) = 2.72B positions / 52.2k
-#                  = 52k GPU-s = 14.5 GPU-h per cell, x 12                   =     174 GPU-h
-#   evaluation:    about 1 GPU-h per cell (one process; a VQAv2-sized suite) =      12 GPU-h
-#   total per seed                                                          ~ 2,120 GPU-h
-# = about 265 hours (11 days) on one 8 x H200 node; each extra seed costs as much again.
-# Fine-tuning with --finetune_args="('--seq_len=1024',)" would halve its share if the
-# conversations fit (256 image tokens + the chat).
-# While evaluate.py runs on one GPU the other seven wait: ~12 node-hours per seed of idle GPUs
-# unless evaluation runs elsewhere. A cheaper first look: --ratios="(0.1,)" (about half), or
-# --fracs="(0.4, 0.8, 1.0)".
-# Disk: a checkpoint with its AdamW state is ~21 GB (1.75B params x 12 bytes); the text run
-# keeps 7 and each cell 2 (image phase, fine-tuning): ~650 GB per seed. branch_point_ckpt is off
+#                  pads every conversation to seq_len) = 2.72B, 14.5 GPU-h per cell    174 GPU-h
+#   evaluation:    eval_gpu_hours per cell (a guess for one process, a VQAv2-sized suite) 12 GPU-h
+#   total per seed                                                              ~ 2,123 GPU-h
+# = about 265 hours (11 days) on one 8 x H200 node; each extra seed costs as much again. On SLURM
+# every cell runs at once: about 40 hours per seed on 8-GPU jobs, 21 with --nodes=2.
+# Disk: a checkpoint with its AdamW state is 21.2 GB (1.76B params x 12 bytes); the text run
+# keeps 7 and each cell 2 (image phase, fine-tuning): 656 GB per seed. branch_point_ckpt is off
 # here, as the test of the shared prefix it serves would add 21 GB per cell.
+# Fine-tuning with --finetune_args="('--seq_len=1024',)" would halve its share if the
+# conversations fit (256 image tokens + the chat). A cheaper first look: --ratios="(0.1,)" (about
+# half), or --fracs="(0.4, 0.8, 1.0)".
 sweep_dir = "out/1b_sweep"
 data_dir = ""  # each stage's own: config/1b.py's text and captions, config/1b_sft.py's conversations
 pretrain_config = "config/1b.py"
@@ -35,3 +35,12 @@ evaluate_args = ("--data_dir=data/llava",)  # eval_<task>.json + eval_images.npy
 nproc = 8
 parallel = 1
 branch_point_ckpt = False
+# SLURM: each training job gets `nodes` nodes of `nproc` GPUs; stages longer than time_limit run
+# as several jobs (the text run and each image phase take 18.6 hours on 8 GPUs)
+nodes = 1
+time_limit = "24:00:00"
+partition = ""
+account = ""
+gpu_tokens_per_s = 52_200.0
+sft_conversations = 665_000  # LLaVA-665k, for the estimate before its shards exist
+eval_gpu_hours = 1.0
