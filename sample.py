@@ -20,7 +20,6 @@ Greedy by default (what evaluate.py does); temperature > 0 samples, top_k > 0 ke
 likeliest tokens only, and the same seed gives the same sample.
 """
 
-import json
 import os
 import sys
 
@@ -85,11 +84,11 @@ def picture_of(settings, size):
     n = s["toy_scene"]
     if n >= len(scenes):
         raise ValueError(f"toy_scene must lie in 0..{len(scenes) - 1} ({path} holds {len(scenes)} pictures), got {n}")
-    captions_path = os.path.join(s["data_dir"], "eval_captions.json")
-    caption = "(unknown: data_dir has no eval_captions.json)"
+    captions_path = os.path.join(s["data_dir"], "eval_captions.txt")
+    caption = "(unknown: data_dir has no eval_captions.txt)"
     if os.path.exists(captions_path):
         with open(captions_path) as f:
-            caption = json.load(f)[n]
+            caption = f.read().splitlines()[n]
     print(f"toy scene {n}, captioned: {caption}")
     # through the same rule as a picture file: a no-op when the world was made at the model's size
     return load_image(Image.fromarray(np.array(scenes[n])), size)

@@ -67,8 +67,8 @@ def test_answers_equal_evaluate_greedy_generation(toy, capsys):
 
 
 def test_toy_scene_prints_its_caption(toy, capsys):
-    with open(os.path.join(toy["data"], "eval_captions.json")) as f:
-        captions = json.load(f)
+    with open(os.path.join(toy["data"], "eval_captions.txt")) as f:
+        captions = f.read().splitlines()
     assert len(captions) == len(np.load(os.path.join(toy["data"], "eval_images.npy")))
     ask(toy["sft"], f"--data_dir={toy['data']}", "--toy_scene=5", "--prompt=what do you see?", "--max_new_tokens=2")
     assert f"toy scene 5, captioned: {captions[5]}" in capsys.readouterr().out

@@ -18,7 +18,7 @@ What it writes (token ids are *compact* ids: index i means cl100k id meta["compa
     train_caption.bin, val_caption.bin    image-caption shards (caption tokens only)
     train_chat.bin, val_chat.bin          conversation shards (one image each, assistant-only mask)
     eval_<task>.json, eval_images.npy     six held-out evaluation sets (format below)
-    eval_captions.json                    a caption of each eval picture (sample.py --toy_scene)
+    eval_captions.txt                     a caption of each eval picture, one a line (sample.py)
     samples.png, samples.txt              64 pictures and their captions, for a person to look at
     meta.json                             written last, atomically: its presence = complete dataset
 
@@ -1010,7 +1010,10 @@ def main(argv=None):
     # Their captions are for a person trying a model on a held-out picture; no model trains on
     # them. Their own random stream leaves every other file as it was.
     r = rng("eval_captions")
-    write_json(path("eval_captions.json"), [caption(s, r) for s in eval_scenes])
+    captions_path = path("eval_captions.txt")
+    with open(f"{captions_path}.tmp", "w") as f:
+        f.writelines(caption(s, r) + "\n" for s in eval_scenes)
+    os.replace(f"{captions_path}.tmp", captions_path)
 
     meta = {"format": 1, "tokenizer": "cl100k_base", "compact_vocab": vocab, "vocab_size": V,
             "image_size": [args.image_size, args.image_size], "seed": args.seed, "scale": args.scale,
