@@ -165,15 +165,16 @@ def main(argv):
 
     turns, answers = [], []  # turns: the conversation so far, as token ids per question and answer
     for question in [s["prompt"]] if s["prompt"] else questions():
-        if fine_tuned:
-            if not question:
-                continue
-            question_ids = tokenizer.encode_prompt(question)
-        else:
-            if not question and not image_ids:
-                continue  # nothing to continue from
-            question_ids = tokenizer.encode(question)
-        ids = fit_context(image_ids, turns, question_ids, model.config.block_size, s["max_new_tokens"])
+        if not question and (fine_tuned or not image_ids):
+            continue  # nothing to answer or continue
+        try:
+            question_ids = tokenizer.encode_prompt(question) if fine_tuned else tokenizer.encode(question)
+            ids = fit_context(image_ids, turns, question_ids, model.config.block_size, s["max_new_tokens"])
+        except ValueError as e:  # a word outside a compact vocabulary, or too long
+            if s["prompt"]:
+                raise
+            print(f"error: {e}", file=sys.stderr)  # in a chat, one bad question does not end it
+            continue
         answer = stream_answer(model, tokenizer, ids, picture, stop_id, s, generator, autocast, dev)
         answers.append(answer)
         if fine_tuned:  # a pretrained model has no turns: each prompt stands alone

@@ -90,11 +90,13 @@ def test_picture_from_a_png_file_gives_the_same_tokens_as_from_memory(toy, tmp_p
 
 
 def test_stdin_questions_are_one_conversation(toy, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("what color is the circle?\n\nhow many shapes are there?\n"))
+    lines = "what color is the circle?\n\nWhat is THIS?\nhow many shapes are there?\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     answers = ask(toy["sft"], f"--data_dir={toy['data']}", "--toy_scene=2", "--max_new_tokens=6")
-    assert len(answers) == 2  # the empty line is skipped
-    out = capsys.readouterr().out
+    assert len(answers) == 2  # the empty line is skipped; so is the question the tokenizer cannot encode
+    out, err = capsys.readouterr()
     assert "> what color is the circle?\n" in out and "> how many shapes are there?\n" in out
+    assert err.startswith("error: text 'What is THIS?' uses cl100k id") and "compact vocabulary" in err
     # the second answer is the greedy continuation of picture, first turn, second question
     model, tok = evaluate.load_model(toy["sft"], "cpu")
     picture = np.load(os.path.join(toy["data"], "eval_images.npy"))[2:3]
@@ -115,13 +117,21 @@ def test_the_oldest_turns_leave_a_full_context_first():
         sample.fit_context(image, turns, question, 6, 4)
 
 
-def test_pretrained_model_continues_raw_text(toy, capsys):
+def test_pretrained_model_continues_raw_text(toy, monkeypatch):
     model, tok = evaluate.load_model(toy["pretrained"], "cpu")
     ids = tok.encode("three plus four is")
     with autocast_context("cpu", "bfloat16"):
         new = model.generate(torch.tensor([ids]), None, 8, stop_id=tok.eot_id)[0].tolist()
     expected = new[:new.index(tok.eot_id)] if tok.eot_id in new else new
     assert ask(toy["pretrained"], "--prompt=three plus four is", "--max_new_tokens=8") == [expected]
+    # shown a picture and an empty line, it continues from the picture alone: a caption
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    caption = ask(toy["pretrained"], f"--data_dir={toy['data']}", "--toy_scene=4", "--max_new_tokens=8")
+    picture = torch.from_numpy(np.load(os.path.join(toy["data"], "eval_images.npy"))[4:5])
+    with autocast_context("cpu", "bfloat16"):
+        new = model.generate(torch.tensor([[tok.image_id] * model.config.tokens_per_image]), picture, 8,
+                             stop_id=tok.eot_id)[0].tolist()
+    assert caption == [new[:new.index(tok.eot_id)] if tok.eot_id in new else new]
     # sampling: the same seed gives the same tokens, another seed other ones
     sampled = [ask(toy["pretrained"], "--prompt=three plus four is", "--temperature=2.0", "--top_k=50",
                    "--max_new_tokens=16", f"--seed={s}") for s in (1, 1, 2)]
