@@ -406,18 +406,18 @@ class VLM(nn.Module):
         return F.linear(h, self.lm_head.weight.to(h.dtype)).float()
 
     @torch.no_grad()
-    def generate(self, idx, images=None, max_new_tokens=16, temperature=0.0, top_k=None, stop_id=None,
-                 generator=None):
-        """Continues each row of idx [B, T] by up to max_new_tokens tokens with a KV cache:
-        greedy when temperature is 0, else sampled (optionally from the top_k tokens).
-        Returns the new tokens [B, n]; rows that met stop_id keep emitting it, so n stops
-        early once every row has stopped."""
+    def generate_tokens(self, idx, images=None, max_new_tokens=16, temperature=0.0, top_k=None, stop_id=None,
+                        generator=None):
+        """Continues each row of idx [B, T] by up to max_new_tokens tokens with a KV cache,
+        yielding each step's new tokens [B] as soon as they exist (so sample.py can print an
+        answer while it is written): greedy when temperature is 0, else sampled (optionally
+        from the top_k tokens). Rows that met stop_id keep emitting it; the steps end early
+        once every row has stopped."""
         B, T = idx.shape
         cache = KVCache(T + max_new_tokens)
         logits = self.logits(idx, images, cache, last_only=True)[:, -1]
-        out = []
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if temperature == 0.0:
                 token = logits.argmax(dim=-1)
             else:
@@ -429,12 +429,17 @@ class VLM(nn.Module):
             if stop_id is not None:
                 token = torch.where(done, torch.full_like(token, stop_id), token)
                 done |= token == stop_id
-            out.append(token)
+            yield token
             if stop_id is not None and bool(done.all()):
-                break
-            if len(out) < max_new_tokens:
+                return
+            if step + 1 < max_new_tokens:  # the last token is never fed back: no position needed
                 logits = self.logits(token[:, None], None, cache, last_only=True)[:, -1]
-        return torch.stack(out, dim=1)
+
+    def generate(self, idx, images=None, max_new_tokens=16, temperature=0.0, top_k=None, stop_id=None,
+                 generator=None):
+        """generate_tokens, collected: the new tokens [B, n], n <= max_new_tokens."""
+        return torch.stack(list(self.generate_tokens(idx, images, max_new_tokens, temperature, top_k, stop_id,
+                                                     generator)), dim=1)
 
 
 def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):

@@ -18,6 +18,7 @@ What it writes (token ids are *compact* ids: index i means cl100k id meta["compa
     train_caption.bin, val_caption.bin    image-caption shards (caption tokens only)
     train_chat.bin, val_chat.bin          conversation shards (one image each, assistant-only mask)
     eval_<task>.json, eval_images.npy     six held-out evaluation sets (format below)
+    eval_captions.txt                     a caption of each eval picture, one a line (sample.py)
     samples.png, samples.txt              64 pictures and their captions, for a person to look at
     meta.json                             written last, atomically: its presence = complete dataset
 
@@ -1016,6 +1017,13 @@ def main(argv=None):
         counts[f"eval_{name}"] = len(tasks[name])
     np.save(path("eval_images.npy"), eval_images)
     counts["eval_images"] = len(eval_images)
+    # Their captions are for a person trying a model on a held-out picture; no model trains on
+    # them. Their own random stream leaves every other file as it was.
+    r = rng("eval_captions")
+    captions_path = path("eval_captions.txt")
+    with open(f"{captions_path}.tmp", "w") as f:
+        f.writelines(caption(s, r) + "\n" for s in eval_scenes)
+    os.replace(f"{captions_path}.tmp", captions_path)
 
     meta = {"format": 1, "tokenizer": "cl100k_base", "compact_vocab": vocab, "vocab_size": V,
             "image_size": [args.image_size, args.image_size], "seed": args.seed, "scale": args.scale,
