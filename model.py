@@ -450,7 +450,7 @@ def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
         if p.requires_grad:
             (decay if p.dim() >= 2 and name != "vision.encoder.pos_embed" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
 
 # -----------------------------------------------------------------------------
