@@ -29,8 +29,9 @@ import time
 import numpy as np
 import torch
 
-from common import autocast_context, find_shards, load_checkpoint
+from common import autocast_context, check_positive, find_shards, load_checkpoint
 from configurator import apply_overrides
+from data.errors import MissingFileError, UserError, report_user_errors
 from data.loader import PretrainLoader, to_device
 from data.tokenizer import Tokenizer
 from model import VLM, ModelConfig
@@ -260,7 +261,7 @@ def markdown_table(results, summary, bpb):
 
 
 def load_model(path, device):
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path)
     config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": False})  # eager references
     model = VLM(config).to(device)
     model.load_state_dict(checkpoint["model"])
@@ -279,6 +280,9 @@ def main(argv):
                     max_new_tokens=max_new_tokens, val_text=val_text, bpb_batches=bpb_batches, device=device,
                     dtype=dtype)
     apply_overrides(settings, argv)
+    check_positive(settings, ["batch_size", "max_new_tokens", "bpb_batches"])
+    if settings["max_items"] < 0:
+        raise UserError(f"max_items must be 0 (every item) or positive, got {settings['max_items']}")
     s = settings
     dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = autocast_context(torch.device(dev).type, s["dtype"])
@@ -286,20 +290,20 @@ def main(argv):
     names = s["tasks"].split(",") if s["tasks"] else sorted(
         f[len("eval_"):-len(".json")] for f in os.listdir(s["data_dir"]) if f.startswith("eval_") and f.endswith(".json"))
     if not names:
-        raise FileNotFoundError(f"no eval_*.json tasks in {s['data_dir']}")
+        raise MissingFileError(f"no eval_*.json tasks in {s['data_dir']}")
     image_path = os.path.join(s["data_dir"], "eval_images.npy")
     image_store = np.load(image_path, mmap_mode="r") if os.path.exists(image_path) else None
     results = []
     for name in names:
         path = os.path.join(s["data_dir"], f"eval_{name}.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"task {name!r}: {path} does not exist")
+            raise MissingFileError(f"task {name!r}: {path} does not exist")
         with open(path) as f:
             task = json.load(f)
         if s["max_items"] > 0:
             task["items"] = task["items"][:s["max_items"]]
         if task["modality"] == "vision" and image_store is None:
-            raise FileNotFoundError(f"task {name!r} needs images, but {image_path} does not exist")
+            raise MissingFileError(f"task {name!r} needs images, but {image_path} does not exist")
         results.append(evaluate_task(task, model, tokenizer, image_store, dev, autocast, s["batch_size"],
                                      s["max_new_tokens"]))
     summary = summarize(results)
@@ -316,4 +320,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main(sys.argv[1:])
