@@ -353,8 +353,10 @@ class StopSignals:
         signum = self.received or signal.SIGTERM  # a rank that learnt of it from another
         if self.verbose:
             args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
+            ranks = int(os.environ.get("WORLD_SIZE", "1"))
+            launcher = f"torchrun --standalone --nproc_per_node={ranks}" if ranks > 1 else "python"
             print(f"stopped by {signal.Signals(signum).name} before step {iter_num}; {ckpt_path} is written. "
-                  f"To continue: python {script} {shlex.join(args)}", file=sys.stderr, flush=True)
+                  f"To continue: {launcher} {script} {shlex.join(args)}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
 

@@ -88,6 +88,8 @@ if checkpoint.get("compact_vocab") != tokenizer.compact_vocab:
     raise UserError(f"{init_from} was trained with another vocabulary than {data_dir}'s")
 model_config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": use_kernels and device_type == "cuda"})
 seq_len = seq_len or model_config.block_size
+if seq_len > model_config.block_size:
+    raise UserError(f"seq_len {seq_len} exceeds the pretrained model's context length {model_config.block_size}")
 
 raw_model = VLM(model_config).to(device)
 raw_model.load_state_dict(checkpoint["model"])
