@@ -35,7 +35,7 @@ def _checked(key, value, default, source):
         ok = type(value) is type(default)
     if not ok:
         raise UserError(f"{source}: {key} must be of type {type(default).__name__} "
-                         f"(its default is {default!r}), got {value!r}")
+                        f"(its default is {default!r}), got {value!r}")
     return value
 
 

@@ -109,7 +109,7 @@ train_loader = make_loader(train_chat, rank, shuffle=True)
 val_loader = make_loader(val_chat, rank, shuffle=False)
 if train_loader.image_size != (model_config.image_size,) * 2:
     raise UserError(f"{train_chat}: images are {train_loader.image_size}, the model expects "
-                     f"{model_config.image_size}x{model_config.image_size}")
+                    f"{model_config.image_size}x{model_config.image_size}")
 # Chat-only fine-tuning at a toy model's learning rates erases what pretraining taught about
 # text; a few rows of pretraining text in every batch keep it (text_rows).
 text_loader = None if text_rows == 0 else PretrainLoader(

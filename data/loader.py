@@ -81,8 +81,8 @@ class PretrainLoader:
         if self.captions:
             if self.samples_per_row == 0:
                 raise UserError(f"seq_len {seq_len} cannot hold one image-caption sample of "
-                                 f"{self.sample_len} positions ({tokens_per_image} image tokens + "
-                                 f"caption_len {caption_len} + 1)")
+                                f"{self.sample_len} positions ({tokens_per_image} image tokens + "
+                                f"caption_len {caption_len} + 1)")
             sizes = {s.image_size for s in self.captions}
             if len(sizes) != 1:
                 raise UserError(f"image-caption shards disagree on the image size: {sorted(sizes)}")
