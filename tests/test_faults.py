@@ -172,12 +172,11 @@ def test_scripts_name_a_bad_checkpoint_in_one_line(data_dir, tmp_path):
     assert_one_error_line(result, f"checkpoint {tmp_path / 'absent.pt'} does not exist")
 
 
-def test_divergence_keeps_a_loadable_last_checkpoint(data_dir, tmp_path):
-    # A huge step makes the weights infinite one step before the loss is NaN: the checkpoint
-    # due between the two is refused, so ckpt.pt stays the last finite one and verifies.
+def test_divergence_stops_with_a_verified_last_checkpoint(data_dir, tmp_path):
+    # (save_checkpoint's refusal of NaN or inf is tested above: AdamW does not overflow here.)
     result = pretrain(data_dir, tmp_path, "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0",
                       "--grad_clip=0.0", "--ckpt_interval=1", check=False)
-    assert result.returncode == 1 and ("not finite" in result.stderr or "NaN or inf in" in result.stderr)
+    assert_one_error_line(result, "the loss or its gradient is not finite")
     checkpoint = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
