@@ -5,6 +5,7 @@ test is a tiny run of a few seconds; each failed on the code before these checks
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,8 +71,9 @@ def test_resume_refuses_any_changed_setting_and_keeps_the_finished_run(data_dir,
         result = pretrain(data_dir, finished_run, *PHASES, arg, "--init_from=resume", check=False)
         assert_one_error_line(result, message)
     assert (finished_run / "ckpt.pt").read_bytes() == before
-    # settings that cannot change the past may differ
-    pretrain(data_dir, finished_run, *PHASES, "--init_from=resume", "--log_interval=3", "--dtype=float32")
+    # settings that cannot change the past may differ (in a copy: other tests read this run)
+    shutil.copytree(finished_run, tmp_path / "copy")
+    pretrain(data_dir, tmp_path / "copy", *PHASES, "--init_from=resume", "--log_interval=3", "--compile=False")
     # finetune.py too: a resume with another learning rate is refused
     sft = tmp_path / "sft"
     finetune(data_dir, sft, f"--init_from={finished_run / 'ckpt.pt'}", "--stop_at_iter=2")
@@ -202,7 +204,7 @@ def test_evaluate_refuses_a_zero_batch_size(data_dir, finished_run):
 
 # ------------------------------------------------- 8. SIGTERM, Ctrl-C and kill -9 at random
 
-LONG = [*PHASES, "--max_iters=24", "--image_iters=8", "--vision_start_frac=0.5", "--ckpt_interval=1"]
+LONG = ["--max_iters=24", "--vision_start_frac=0.5", "--image_iters=8", "--ckpt_interval=1"]  # 12 + 8 steps
 
 
 @pytest.fixture(scope="module")
@@ -213,26 +215,27 @@ def long_run(data_dir, tmp_path_factory):
 
 
 def interrupt_at_random(data_dir, out_dir, signum, rng):
-    """Starts the run, waits for its first training step, then sends signum after a random
-    delay (checkpoints are written every step, so it often lands inside a write)."""
+    """Starts the run and sends signum at a random moment: a random step's log line, then a
+    random few milliseconds (a checkpoint is written every step, so it often lands inside a
+    write). The step is at least 6 before the end, so the signal always comes in time."""
     process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, *LONG, f"--data_dir={data_dir}",
                                 f"--out_dir={out_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    step, delay = rng.randrange(0, 14), rng.uniform(0.0, 0.02)  # of steps 0..19
     for line in process.stdout:
-        if line.startswith("iter 0: loss"):
+        if line.startswith(f"iter {step}: loss"):
             break
-    delay = rng.uniform(0.0, 0.3)
     time.sleep(delay)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
-    return process.returncode, stderr, delay
+    return process.returncode, stderr, f"step {step} + {delay * 1000:.1f} ms"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_signal_at_a_random_moment_then_resume_equals_uninterrupted(data_dir, long_run, tmp_path, signum):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    code, stderr, delay = interrupt_at_random(data_dir, tmp_path, signum, rng)
-    where = f"{signal.Signals(signum).name} after {delay:.3f} s: exit {code}\n{stderr[-1500:]}"
+    code, stderr, moment = interrupt_at_random(data_dir, tmp_path, signum, rng)
+    where = f"{signal.Signals(signum).name} at {moment}: exit {code}\n{stderr[-1500:]}"
     if signum == signal.SIGKILL:
         assert code == -signal.SIGKILL, where
     else:  # stopped after a step, with a checkpoint and the way to go on
