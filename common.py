@@ -261,13 +261,14 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Loads a checkpoint written by save_checkpoint onto the CPU (load_state_dict moves the
-    tensors to the model's device) and checks its sha256: a truncated, overwritten or foreign
-    file raises a UserError naming it."""
+    """Loads a checkpoint written by save_checkpoint and checks its sha256: a truncated,
+    overwritten or foreign file raises a UserError naming it. The tensors stay memory-mapped on
+    the CPU (load_state_dict copies them to the model's device), so 8 ranks resuming a 1B run
+    share one copy in the page cache instead of holding 8."""
     if not os.path.exists(path):
         raise MissingFileError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read, it is truncated or not a checkpoint "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty file'})") from None
