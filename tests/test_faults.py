@@ -245,3 +245,26 @@ def test_signal_at_a_random_moment_then_resume_equals_uninterrupted(data_dir, lo
     pretrain(data_dir, tmp_path, *LONG, resume)
     assert read_log(tmp_path) == read_log(long_run), where
     assert_same_weights(weights(tmp_path / "ckpt.pt"), weights(long_run / "ckpt.pt"))
+
+
+def test_sigterm_under_ddp_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+    """A scheduler signals every process of the job: torchrun and both ranks. The ranks agree at
+    the next log step, rank 0 writes the checkpoint, and the resumed run equals an
+    uninterrupted one."""
+    args = ["--max_iters=24", "--vision_start_frac=0.5", "--image_iters=8", "--grad_accum=2", "--dtype=float32",
+            "--device=cpu", "--log_interval=3"]
+    pretrain(data_dir, tmp_path / "full", *args, nproc=2)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *TINY,
+         *args, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'stopped'}"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+        start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("iter 3: loss"):
+            break
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "stopped by SIGTERM before step" in stderr and "--init_from=resume" in stderr, stderr[-2000:]
+    pretrain(data_dir, tmp_path / "stopped", *args, "--init_from=resume", nproc=2)
+    assert read_log(tmp_path / "stopped") == read_log(tmp_path / "full")
+    assert_same_weights(weights(tmp_path / "stopped" / "ckpt.pt"), weights(tmp_path / "full" / "ckpt.pt"))
