@@ -3,15 +3,21 @@ What pretrain.py and finetune.py share: device and DDP setup, mixed precision, t
 step, learning-rate shapes, checkpoints, logging and the MFU peak table.
 """
 
+import concurrent.futures
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
+import shlex
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
+from data.errors import MissingFileError, UserError
 from data.tokenizer import Tokenizer
 
 # Dense bf16 matmul peaks (FLOP/s) by device name, from the vendors' data sheets. MFU is
@@ -63,7 +69,7 @@ def setup_training(device_setting, grad_accum, seed, dtype):
     micro-batches per rank, autocast context); grad_accum counts micro-batches over all ranks."""
     rank, local_rank, world_size, device = setup_distributed(device_setting)
     if grad_accum % world_size:
-        raise ValueError(f"grad_accum {grad_accum} must be a multiple of the number of ranks {world_size}")
+        raise UserError(f"grad_accum {grad_accum} must be a multiple of the number of ranks {world_size}")
     torch.manual_seed(seed)
     autocast = autocast_context(torch.device(device).type, dtype)
     return rank, local_rank, world_size, device, grad_accum // world_size, autocast
@@ -75,7 +81,7 @@ def autocast_context(device_type, dtype):
     if dtype == "float32":
         return contextlib.nullcontext()
     if dtype != "bfloat16":
-        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        raise UserError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
     if device_type == "cpu" and not torch.cpu._is_amx_tile_supported():
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16)
@@ -93,7 +99,7 @@ def cosine_schedule(it, warmup_iters, total_iters, peak_lr, min_lr):
 def find_shards(data_dir, pattern):
     files = sorted(glob.glob(os.path.join(data_dir, pattern)))
     if not files:
-        raise FileNotFoundError(f"no shards match {os.path.join(data_dir, pattern)} "
+        raise MissingFileError(f"no shards match {os.path.join(data_dir, pattern)} "
                                 "(for the toy world, run: python data/toyworld/prepare.py)")
     return files
 
@@ -164,33 +170,127 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, checkpoint):
-    """Writes to a temporary file and renames it, so a crash mid-write leaves the previous
-    checkpoint intact and never a half-written one."""
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+def check_positive(config, names):
+    """Settings that count something (rows, steps, layers) must be at least 1."""
+    for name in names:
+        if config[name] <= 0:
+            raise UserError(f"{name} must be positive, got {config[name]!r}")
 
 
-def load_checkpoint(path, device):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=device, weights_only=False)
-
-
-def check_same_settings(checkpoint, config, keys, what):
-    """Refuses to continue a checkpoint under settings that would change its past."""
-    saved = checkpoint["config"]
-    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {config[k]!r}" for k in keys if saved.get(k) != config[k]]
+def check_same_settings(saved, config, may_differ, what):
+    """Refuses to continue a checkpoint under settings that would change its past: every
+    setting must equal the checkpoint's except those named in may_differ. A setting that is
+    new since the checkpoint was written is therefore checked too (the checkpoint has none)."""
+    differ = [f"{k}: checkpoint {saved.get(k, '(not set)')!r}, now {config.get(k, '(not set)')!r}"
+              for k in sorted(set(saved) | set(config)) if k not in may_differ and saved.get(k) != config.get(k)]
     if differ:
-        raise ValueError(f"{what}: these settings differ from the checkpoint's:\n  " + "\n  ".join(differ))
+        raise UserError(f"{what}: settings differ from the checkpoint's, which would change its past: "
+                        + "; ".join(differ))
+
+
+def _leaves(value, name=""):
+    """(name, value) for every tensor and plain value inside nested dicts, lists and tuples."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple, torch.Tensor)) for v in value):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{name}[{i}]")
+    else:
+        yield name, value
+
+
+def _tensor_digest(tensor):
+    """sha256 of a tensor's dtype, shape and bytes, and whether it is all finite."""
+    t = tensor.detach().cpu().contiguous()
+    finite = not t.is_floating_point() or bool(torch.isfinite(t).all())
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.digest(), finite
+
+
+def checkpoint_digest(checkpoint):
+    """sha256 over everything a checkpoint holds (every tensor's bytes, every setting and
+    counter), and the names of floating-point tensors holding NaN or inf. sha256 runs at about
+    1.4 GB/s on one core, so tensors are hashed on up to 8 threads (hashlib and torch release
+    the GIL): a 21 GB checkpoint of a 1B run then costs seconds, not a quarter of a minute."""
+    leaves = list(_leaves(checkpoint))
+    tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        digests = iter(list(pool.map(_tensor_digest, tensors)))
+    total, non_finite = hashlib.sha256(), []
+    for name, value in leaves:
+        total.update(name.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            digest, finite = next(digests)
+            total.update(digest)
+            if not finite:
+                non_finite.append(name)
+        else:
+            total.update(repr(value).encode() + b"\0")
+    return total.hexdigest(), non_finite
+
+
+def save_checkpoint(path, checkpoint):
+    """Writes a checkpoint with its sha256 (see checkpoint_digest) to a temporary file, then
+    renames it, so a crash mid-write leaves the previous checkpoint intact. A checkpoint whose
+    tensors are not all finite is refused: the last one on disk stays the last good one. A
+    failed write (a full disk, Ctrl-C) removes the temporary file, which would otherwise keep
+    the disk full."""
+    digest, non_finite = checkpoint_digest(checkpoint)
+    if non_finite:
+        raise UserError(f"not writing {path}: NaN or inf in {', '.join(non_finite[:3])}"
+                        f"{f' and {len(non_finite) - 3} more tensors' if len(non_finite) > 3 else ''}; "
+                        "the training has diverged, the last checkpoint on disk is the last good one")
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**checkpoint, "sha256": digest}, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # the file system's fault (full disk, quota, permissions), not a bug
+            raise UserError(f"cannot write checkpoint {path}: {cause.strerror or cause}") from e
+        raise
+
+
+def load_checkpoint(path):
+    """Loads a checkpoint written by save_checkpoint and checks its sha256: a truncated,
+    overwritten or foreign file raises a UserError naming it. The tensors stay memory-mapped on
+    the CPU (load_state_dict copies them to the model's device), so 8 ranks resuming a 1B run
+    share one copy in the page cache instead of holding 8."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read, it is truncated or not a checkpoint "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty file'})") from None
+    if not isinstance(checkpoint, dict) or "sha256" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint written by pretrain.py or finetune.py "
+                        "(a raw state dict or another program's file?): it has no sha256")
+    expected = checkpoint.pop("sha256")
+    if checkpoint_digest(checkpoint)[0] != expected:
+        raise UserError(f"checkpoint {path} is corrupt: its contents do not match the sha256 recorded when "
+                        "it was written")
+    missing = [k for k in ("model", "model_config", "config") if k not in checkpoint]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return checkpoint
 
 
 class JsonlLog:
     """One JSON object per line in out_dir/log.jsonl, each with "iter": the step it describes
     (a training record) or the step before which it was measured (a validation record). On
     resume, records at or after the resumed step, written before the interruption, are
-    dropped, so the log reads as if the run had never stopped."""
+    dropped, so the log reads as if the run had never stopped. So is a cut-off last record
+    (a full disk or a kill mid-write)."""
 
     def __init__(self, path, resume_iter=None):
         self.path = path
@@ -198,14 +298,71 @@ class JsonlLog:
             open(path, "w").close()
         elif os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if json.loads(line)["iter"] < resume_iter]
+                lines = f.readlines()
+            kept = []
+            for n, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if n < len(lines):
+                        raise UserError(f"{path}: line {n} is not a JSON record") from None
+                    print(f"warning: {path}: dropped its last line, a cut-off record: {line.strip()[:80]!r}")
+                    break
+                if record["iter"] < resume_iter:
+                    kept.append(line if line.endswith("\n") else line + "\n")
             with open(f"{path}.tmp", "w") as f:
                 f.writelines(kept)
             os.replace(f"{path}.tmp", path)
 
     def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: say so; a resume drops the cut-off record
+            raise UserError(f"cannot write {self.path}: {e.strerror}") from e
+
+
+class StopSignals:
+    """SIGTERM (a cluster scheduler's notice before preemption) and SIGINT (Ctrl-C) ask the
+    training loop to stop: it finishes the step, writes out_dir/ckpt.pt and exits. A second
+    Ctrl-C stops at once (losing the steps since the last checkpoint)."""
+
+    def __init__(self, verbose):
+        self.received = None  # the first signal's number
+        self.verbose = verbose
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # schedulers may repeat SIGTERM; we are already stopping
+        self.received = signum
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                  "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, world_size, device):
+        """Whether any rank got a signal. Under DDP this all-reduces, so every rank must call
+        it at the same steps (the scripts do so at log steps: no extra host sync per step)."""
+        if world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        return all_reduce_sum(flag, world_size).item() > 0
+
+    def exit(self, script, ckpt_path, iter_num):
+        """Exits 128 + the signal's number, as a process killed by it would (130 for Ctrl-C,
+        143 for SIGTERM): a scheduler sees an interrupted job, and `pretrain.py && finetune.py`
+        does not go on to fine-tune an unfinished run."""
+        signum = self.received or signal.SIGTERM  # a rank that learnt of it from another
+        if self.verbose:
+            args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
+            ranks = int(os.environ.get("WORLD_SIZE", "1"))
+            launcher = f"torchrun --standalone --nproc_per_node={ranks}" if ranks > 1 else "python"
+            print(f"stopped by {signal.Signals(signum).name} before step {iter_num}; {ckpt_path} is written. "
+                  f"To continue: {launcher} {script} {shlex.join(args)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
 
 def all_reduce_sum(tensor, world_size):

@@ -13,6 +13,8 @@ typo such as --learning_rat=1e-3 stops the run instead of being silently ignored
 
 import ast
 
+from data.errors import UserError
+
 
 def _settings(namespace):
     """The script's settings: its public globals of plain data types."""
@@ -32,8 +34,8 @@ def _checked(key, value, default, source):
     else:
         ok = type(value) is type(default)
     if not ok:
-        raise ValueError(f"{source}: {key} must be of type {type(default).__name__} "
-                         f"(its default is {default!r}), got {value!r}")
+        raise UserError(f"{source}: {key} must be of type {type(default).__name__} "
+                        f"(its default is {default!r}), got {value!r}")
     return value
 
 
@@ -48,7 +50,7 @@ def apply_overrides(namespace, argv):
             raise SystemExit(0)
         if arg.startswith("--"):
             if "=" not in arg:
-                raise ValueError(f"argument {arg!r} must look like --key=value")
+                raise UserError(f"argument {arg!r} must look like --key=value")
             key, text = arg[2:].split("=", 1)
             try:
                 value = ast.literal_eval(text)
@@ -61,13 +63,15 @@ def apply_overrides(namespace, argv):
                 with open(arg) as f:
                     exec(compile(f.read(), arg, "exec"), file_namespace)
             except OSError as e:
-                raise ValueError(f"cannot read config file {arg}: {e.strerror}") from None
+                raise UserError(f"cannot read config file {arg}: {e.strerror}") from None
+            except Exception as e:  # a typo in the file: say where, without a traceback
+                raise UserError(f"config file {arg}: {type(e).__name__}: {e}") from None
             updates = {k: v for k, v in file_namespace.items()
                        if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
             source = arg
         for key, value in updates.items():
             if key not in settings:
-                raise ValueError(f"{source}: unknown setting {key!r}")
+                raise UserError(f"{source}: unknown setting {key!r}")
             namespace[key] = settings[key] = _checked(key, value, settings[key], source)
             print(f"config: {key} = {namespace[key]!r}")
     return settings

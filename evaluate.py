@@ -40,8 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import autocast_context, find_shards, load_checkpoint
+from common import autocast_context, check_positive, find_shards, load_checkpoint
 from configurator import apply_overrides
+from data.errors import MissingFileError, UserError, report_user_errors
 from data.loader import PretrainLoader, to_device
 from data.tokenizer import Tokenizer
 from model import VLM, ModelConfig
@@ -385,7 +386,7 @@ def markdown_table(results, summary, bpb):
 
 
 def load_model(path, device):
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path)
     config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": False})  # eager references
     model = VLM(config).to(device)
     model.load_state_dict(checkpoint["model"])
@@ -404,6 +405,9 @@ def main(argv):
                     max_new_tokens=max_new_tokens, val_text=val_text, bpb_batches=bpb_batches, device=device,
                     dtype=dtype)
     apply_overrides(settings, argv)
+    check_positive(settings, ["batch_size", "max_new_tokens", "bpb_batches"])
+    if settings["max_items"] < 0:
+        raise UserError(f"max_items must be 0 (every item) or positive, got {settings['max_items']}")
     s = settings
     dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = autocast_context(torch.device(dev).type, s["dtype"])
@@ -411,13 +415,13 @@ def main(argv):
     names = s["tasks"].split(",") if s["tasks"] else sorted(
         f[len("eval_"):-len(".json")] for f in os.listdir(s["data_dir"]) if f.startswith("eval_") and f.endswith(".json"))
     if not names:
-        raise FileNotFoundError(f"no eval_*.json tasks in {s['data_dir']}")
+        raise MissingFileError(f"no eval_*.json tasks in {s['data_dir']}")
     image_stores = {}  # image file -> its memory map, opened once and shared by the tasks naming it
     results = []
     for name in names:
         path = os.path.join(s["data_dir"], f"eval_{name}.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"task {name!r}: {path} does not exist")
+            raise MissingFileError(f"task {name!r}: {path} does not exist")
         with open(path) as f:
             task = json.load(f)
         if s["max_items"] > 0:
@@ -426,7 +430,7 @@ def main(argv):
         if task["modality"] == "vision":  # memory-mapped: only the pictures a batch uses are read
             image_path = os.path.join(s["data_dir"], task.get("images", "eval_images.npy"))
             if not os.path.exists(image_path):
-                raise FileNotFoundError(f"task {name!r} needs images, but {image_path} does not exist")
+                raise MissingFileError(f"task {name!r} needs images, but {image_path} does not exist")
             if image_path not in image_stores:
                 image_stores[image_path] = np.load(image_path, mmap_mode="r")
             image_store = image_stores[image_path]
@@ -446,4 +450,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main(sys.argv[1:])

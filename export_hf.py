@@ -105,7 +105,7 @@ def main(argv):
     settings = dict(ckpt=ckpt, out_dir=out_dir, dtype=dtype)
     apply_overrides(settings, argv)
     s = settings
-    destination = export(load_checkpoint(s["ckpt"], "cpu"), s["out_dir"] or f"{s['ckpt']}.hf", s["dtype"])
+    destination = export(load_checkpoint(s["ckpt"]), s["out_dir"] or f"{s['ckpt']}.hf", s["dtype"])
     print(f"wrote {destination} (LlamaForCausalLM, {s['dtype']})")
     return destination
 

@@ -19,10 +19,11 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (JsonlLog, check_same_settings, cosine_schedule, find_shards, load_checkpoint,
-                    load_tokenizer, mean_loss, restore_rng_state, rng_state, save_checkpoint, setup_training,
-                    train_step)
+from common import (JsonlLog, StopSignals, check_positive, check_same_settings, cosine_schedule, find_shards,
+                    load_checkpoint, load_tokenizer, mean_loss, restore_rng_state, rng_state, save_checkpoint,
+                    setup_training, train_step)
 from configurator import apply_overrides
+from data.errors import UserError, report_user_errors
 from data.loader import ConversationLoader, PretrainLoader
 from model import VLM, ModelConfig, configure_optimizer
 
@@ -59,14 +60,19 @@ dtype = "bfloat16"
 compile = True  # CUDA only
 use_kernels = True  # CUDA only
 # -----------------------------------------------------------------------------
+report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
-PAST_SETTINGS = ["data_dir", "train_chat", "train_text", "text_rows", "epochs", "batch_size", "grad_accum", "seq_len", "learning_rate",
-                 "min_lr", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip", "freeze_vision",
-                 "freeze_decoder", "seed"]
+# Settings that cannot change a run's past: a resume must match its checkpoint on all others.
+RUN_ONLY_SETTINGS = ["out_dir", "init_from", "ckpt_interval", "stop_at_iter", "log_interval", "eval_interval",
+                     "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels"]
+check_positive(config, ["epochs", "batch_size", "grad_accum", "ckpt_interval", "log_interval", "eval_interval",
+                        "eval_batches"])
+if seq_len < 0:
+    raise UserError(f"seq_len must be positive, or 0 for the pretrained model's context length; got {seq_len}")
 if freeze_vision and freeze_decoder:
-    raise ValueError("freeze_vision and freeze_decoder together leave nothing to train")
+    raise UserError("freeze_vision and freeze_decoder together leave nothing to train")
 if not 0 <= text_rows < batch_size:
-    raise ValueError(f"text_rows must lie in [0, batch_size), got {text_rows} with batch_size {batch_size}")
+    raise UserError(f"text_rows must lie in [0, batch_size), got {text_rows} with batch_size {batch_size}")
 chat_rows = batch_size - text_rows
 
 rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
@@ -74,14 +80,16 @@ master = rank == 0
 device_type = torch.device(device).type
 
 resume = init_from == "resume"
-checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else init_from, device)
+checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else init_from)
 if resume:
-    check_same_settings(checkpoint, config, PAST_SETTINGS, os.path.join(out_dir, "ckpt.pt"))
+    check_same_settings(checkpoint["config"], config, RUN_ONLY_SETTINGS, os.path.join(out_dir, "ckpt.pt"))
 tokenizer = load_tokenizer(data_dir)
 if checkpoint.get("compact_vocab") != tokenizer.compact_vocab:
-    raise ValueError(f"{init_from} was trained with another vocabulary than {data_dir}'s")
+    raise UserError(f"{init_from} was trained with another vocabulary than {data_dir}'s")
 model_config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": use_kernels and device_type == "cuda"})
 seq_len = seq_len or model_config.block_size
+if seq_len > model_config.block_size:
+    raise UserError(f"seq_len {seq_len} exceeds the pretrained model's context length {model_config.block_size}")
 
 raw_model = VLM(model_config).to(device)
 raw_model.load_state_dict(checkpoint["model"])
@@ -100,8 +108,8 @@ def make_loader(pattern, loader_rank, shuffle):
 train_loader = make_loader(train_chat, rank, shuffle=True)
 val_loader = make_loader(val_chat, rank, shuffle=False)
 if train_loader.image_size != (model_config.image_size,) * 2:
-    raise ValueError(f"{train_chat}: images are {train_loader.image_size}, the model expects "
-                     f"{model_config.image_size}x{model_config.image_size}")
+    raise UserError(f"{train_chat}: images are {train_loader.image_size}, the model expects "
+                    f"{model_config.image_size}x{model_config.image_size}")
 # Chat-only fine-tuning at a toy model's learning rates erases what pretraining taught about
 # text; a few rows of pretraining text in every batch keep it (text_rows).
 text_loader = None if text_rows == 0 else PretrainLoader(
@@ -159,13 +167,15 @@ def validation_loss():
                      world_size)
 
 
+signals = StopSignals(verbose=master)
+stop_requested = False
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         val = validation_loss()
         if master:
             log.write({"iter": iter_num, "val_chat_loss": val})
             print(f"iter {iter_num}: val_chat_loss {val:.4f}")
-    if iter_num == max_iters or iter_num == stop_at_iter:
+    if iter_num == max_iters or iter_num == stop_at_iter or stop_requested:
         if master:
             save(os.path.join(out_dir, "ckpt.pt"))
         break
@@ -180,7 +190,7 @@ while True:
     vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
     token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params, True, grad_clip)
     if not math.isfinite(grad_norm.item()):
-        raise SystemExit(f"iter {iter_num}: the loss or its gradient is not finite; stopping. The last good "
+        raise SystemExit(f"error: iter {iter_num}: the loss or its gradient is not finite; stopping. The last good "
                          f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if one was written).")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -194,8 +204,13 @@ while True:
         log.write(record)
         print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, epoch {record['epoch']:.2f}, "
               f"{record['tokens_per_s']:,.0f} tok/s")
+    # SIGTERM or Ctrl-C: stop after this step (under DDP, every rank at the same log step).
+    if world_size == 1 or iter_num % log_interval == 0:
+        stop_requested = signals.agreed(world_size, device)
     iter_num += 1
 
 if world_size > 1:
     torch.distributed.barrier()  # let rank 0 finish its checkpoint before the group goes away
     torch.distributed.destroy_process_group()
+if stop_requested and iter_num < max_iters:
+    signals.exit("finetune.py", os.path.join(out_dir, "ckpt.pt"), iter_num)

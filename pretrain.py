@@ -26,10 +26,11 @@ from dataclasses import asdict
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (JsonlLog, all_reduce_sum, check_same_settings, cosine_schedule,
+from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, cosine_schedule,
                     find_shards, load_checkpoint, load_tokenizer, mean_loss, peak_flops, restore_rng_state, rng_state,
                     save_checkpoint, setup_training, train_step)
 from configurator import apply_overrides
+from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
 from model import VLM, ModelConfig, configure_optimizer, load_siglip, siglip_config, siglip_folder
 
@@ -96,23 +97,36 @@ dtype = "bfloat16"  # autocast dtype ("float32" turns it off)
 compile = True  # torch.compile the model (CUDA only; on the CPU it costs more than it gives)
 use_kernels = True  # Triton kernels (CUDA only; the PyTorch references run elsewhere)
 # -----------------------------------------------------------------------------
+report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
-# Settings that shape a run's past: a branch or a resume must agree with its checkpoint on them.
-PREFIX_SETTINGS = ["data_dir", "train_text", "seed", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden",
-                   "seq_len", "tie_embeddings", "rope_theta", "image_size", "patch_size", "vit_depth", "vit_width",
-                   "vit_heads", "batch_size", "grad_accum", "max_iters", "warmup_iters", "learning_rate", "min_lr",
-                   "weight_decay", "beta1", "beta2", "grad_clip"]
+# Settings that cannot change a run's past. A resume (init_from=resume) must match its
+# checkpoint on every other setting, so a setting added later is checked without anyone
+# remembering to list it.
+RUN_ONLY_SETTINGS = ["out_dir", "init_from", "save_fracs", "ckpt_interval", "stop_at_iter", "log_interval",
+                     "eval_interval", "eval_batches", "val_text", "val_captions", "device", "dtype", "compile",
+                     "use_kernels"]
+# A branch (init_from=PATH, a text-only checkpoint) may also choose its own image phase.
+IMAGE_PHASE_SETTINGS = ["train_captions", "caption_len", "vision_start_frac", "image_iters", "image_ratio",
+                        "image_ratio_ramp_iters", "rewarm_lr", "rewarm_iters"]
 
 
 def check_settings():
+    check_positive(config, ["n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "seq_len", "image_size",
+                            "patch_size", "caption_len", "batch_size", "grad_accum", "max_iters", "ckpt_interval",
+                            "log_interval", "eval_interval", "eval_batches"])
+    if n_embd % n_head or n_head % n_kv_head:
+        raise UserError(f"n_head ({n_head}) must divide n_embd ({n_embd}) and be a multiple of n_kv_head ({n_kv_head})")
+    if vit_depth > 0 and (vit_heads <= 0 or vit_width % vit_heads):
+        raise UserError(f"vit_heads ({vit_heads}) must be positive and divide vit_width ({vit_width})")
     if not 0.0 <= vision_start_frac <= 1.0:
-        raise ValueError(f"vision_start_frac must lie in [0, 1], got {vision_start_frac}")
+        raise UserError(f"vision_start_frac must lie in [0, 1], got {vision_start_frac}")
     if not 0.0 <= image_ratio <= 1.0:
-        raise ValueError(f"image_ratio must lie in [0, 1], got {image_ratio}")
+        raise UserError(f"image_ratio must lie in [0, 1], got {image_ratio}")
     if any(not 0.0 <= f <= 1.0 for f in save_fracs):
-        raise ValueError(f"save_fracs must lie in [0, 1], got {save_fracs}")
-    if image_iters < 0 or max_iters <= 0 or warmup_iters < 0:
-        raise ValueError("max_iters must be positive, image_iters and warmup_iters not negative")
+        raise UserError(f"save_fracs must lie in [0, 1], got {save_fracs}")
+    for name in ("image_iters", "warmup_iters", "rewarm_iters", "image_ratio_ramp_iters", "vit_depth"):
+        if config[name] < 0:
+            raise UserError(f"{name} must not be negative, got {config[name]}")
 
 
 check_settings()
@@ -173,7 +187,7 @@ def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
         model_config.tokens_per_image, caption_len, tokenizer.image_id, tokenizer.eot_id, tokenizer.vocab_size,
         rank=loader_rank, world_size=loader_world, device=device)
     if loader.image_size != (image_size, image_size):
-        raise ValueError(f"{caption_pattern}: images are {loader.image_size}, the model expects {image_size}x{image_size}")
+        raise UserError(f"{caption_pattern}: images are {loader.image_size}, the model expects {image_size}x{image_size}")
     return loader
 
 
@@ -192,11 +206,18 @@ log_window = None
 
 if init_from != "scratch":
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
-    checkpoint = load_checkpoint(ckpt_path, device)
-    check_same_settings(checkpoint, config, PREFIX_SETTINGS, ckpt_path)
-    if init_from != "resume" and checkpoint["iter_num"] > start_iter:
-        raise ValueError(f"{ckpt_path} is at step {checkpoint['iter_num']}, past this run's image start "
-                         f"{start_iter}: a branch must start from a text-only checkpoint at or before it")
+    checkpoint = load_checkpoint(ckpt_path)
+    saved = checkpoint["config"]
+    if init_from == "resume":
+        check_same_settings(saved, config, RUN_ONLY_SETTINGS, ckpt_path)
+    else:
+        check_same_settings(saved, config, RUN_ONLY_SETTINGS + IMAGE_PHASE_SETTINGS, ckpt_path)
+        if checkpoint["iter_num"] > round(saved["vision_start_frac"] * saved["max_iters"]):
+            raise UserError(f"{ckpt_path} is at step {checkpoint['iter_num']}, after its run's image start: "
+                            "a branch must start from a text-only checkpoint")
+        if checkpoint["iter_num"] > start_iter:
+            raise UserError(f"{ckpt_path} is at step {checkpoint['iter_num']}, past this run's image start "
+                            f"{start_iter}: a branch must start from a text-only checkpoint at or before it")
     raw_model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     train_loader.load_state_dict(checkpoint["loader"])
@@ -259,6 +280,8 @@ if log_window is not None:
     if master:
         stats += torch.tensor(log_window["stats"], device=device)
     image_rows, step_rows = log_window["image_rows"], log_window["step_rows"]
+signals = StopSignals(verbose=master)
+stop_requested = False
 while True:
     if iter_num in save_iters and iter_num <= start_iter:
         save(os.path.join(out_dir, f"ckpt_frac{save_iters[iter_num]:.2f}.pt"))
@@ -267,7 +290,7 @@ while True:
         if master:
             log.write({"iter": iter_num, **val})
             print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-    if iter_num == total_iters or iter_num == stop_at_iter:
+    if iter_num == total_iters or iter_num == stop_at_iter or stop_requested:
         save(os.path.join(out_dir, "ckpt.pt"))
         break
     if iter_num > 0 and iter_num % ckpt_interval == 0:
@@ -285,7 +308,7 @@ while True:
                                          step_image_rows > 0, grad_clip)
     if not math.isfinite(grad_norm.item()):  # the norm is all-reduced, so every rank agrees
         last = os.path.join(out_dir, "ckpt.pt")
-        raise SystemExit(f"iter {iter_num}: the loss or its gradient is not finite (gradient norm {grad_norm.item()}); "
+        raise SystemExit(f"error: iter {iter_num}: the loss or its gradient is not finite (gradient norm {grad_norm.item()}); "
                          f"stopping. The last good checkpoint is {last} "
                          f"({'present' if os.path.exists(last) else 'none written yet'}).")
     optimizer.step()
@@ -321,8 +344,14 @@ while True:
                   f"images {record['image_share']:.3f}, {record['tokens_per_s']:,.0f} tok/s{mfu}")
         stats.zero_()
         image_rows = step_rows = 0
+    # SIGTERM or Ctrl-C: stop after this step. Under DDP the ranks agree at log steps only,
+    # beside the log's own all-reduce, so that no step pays for an extra host sync.
+    if world_size == 1 or iter_num % log_interval == 0:
+        stop_requested = signals.agreed(world_size, device)
     iter_num += 1
 
 if world_size > 1:
     torch.distributed.barrier()  # let rank 0 finish its checkpoint before the group goes away
     torch.distributed.destroy_process_group()
+if stop_requested and iter_num < total_iters:
+    signals.exit("pretrain.py", os.path.join(out_dir, "ckpt.pt"), iter_num)

@@ -51,7 +51,7 @@ dtype = "bfloat16"
 def load_model(path, device):
     """The checkpoint's raw module (a compiled one would recompile for every new length), its
     tokenizer, whether it was fine-tuned, and whether its image encoder was ever trained."""
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path)
     config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": False})  # eager references
     model = VLM(config).to(device)
     model.load_state_dict(checkpoint["model"])

@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from data.errors import UserError
 from data.shards import CONVERSATION, IMAGE_CAPTION, TEXT, ShardError, read_shard
 
 
@@ -52,7 +53,7 @@ def to_device(arrays, device):
 
 def _open_all(files, kind, vocab_size, what):
     if not files:
-        raise ValueError(f"no {what} shards given")
+        raise UserError(f"no {what} shards given")
     return [read_shard(f, expected_kind=kind, vocab_size=vocab_size) for f in files]
 
 
@@ -73,18 +74,18 @@ class PretrainLoader:
                 raise ShardError(shard.path, "text shard holds <|image|> placeholder tokens")
         rows = [(s.num_tokens - 1) // seq_len for s in self.text]
         if sum(rows) == 0:
-            raise ValueError(f"text shards hold fewer than seq_len + 1 = {seq_len + 1} tokens")
+            raise UserError(f"text shards hold fewer than seq_len + 1 = {seq_len + 1} tokens")
         self.text_row_starts = np.cumsum([0] + rows)  # global text row -> shard
 
         self.captions = _open_all(caption_files, IMAGE_CAPTION, vocab_size, "image-caption") if caption_files else []
         if self.captions:
             if self.samples_per_row == 0:
-                raise ValueError(f"seq_len {seq_len} cannot hold one image-caption sample of "
-                                 f"{self.sample_len} positions ({tokens_per_image} image tokens + "
-                                 f"caption_len {caption_len} + 1)")
+                raise UserError(f"seq_len {seq_len} cannot hold one image-caption sample of "
+                                f"{self.sample_len} positions ({tokens_per_image} image tokens + "
+                                f"caption_len {caption_len} + 1)")
             sizes = {s.image_size for s in self.captions}
             if len(sizes) != 1:
-                raise ValueError(f"image-caption shards disagree on the image size: {sorted(sizes)}")
+                raise UserError(f"image-caption shards disagree on the image size: {sorted(sizes)}")
             self.image_size = sizes.pop()
             self.caption_starts = np.cumsum([0] + [s.num_samples for s in self.captions])
         self.reset()
@@ -109,7 +110,7 @@ class PretrainLoader:
     def next_batch(self, image_ratio=0.0):
         """The next micro-batch of this rank: the first rows image-caption rows, the rest text."""
         if image_ratio > 0 and not self.captions:
-            raise ValueError("image_ratio > 0 but no image-caption shards were given")
+            raise UserError("image_ratio > 0 but no image-caption shards were given")
         batch = None
         for r in range(self.world_size):
             n_image = self._image_rows(image_ratio)
@@ -168,11 +169,9 @@ class ConversationLoader:
         self.shards = _open_all(files, CONVERSATION, vocab_size, "conversation")
         self.starts = np.cumsum([0] + [s.num_samples for s in self.shards])
         self.num_samples = int(self.starts[-1])
-        if self.num_samples == 0:
-            raise ValueError(f"conversation shards {files} hold no conversations")
         sizes = {s.image_size for s in self.shards}
         if len(sizes) != 1:
-            raise ValueError(f"conversation shards disagree on the image size: {sorted(sizes)}")
+            raise UserError(f"conversation shards disagree on the image size: {sorted(sizes)}")
         self.image_size = sizes.pop()
         self._order_epoch, self._order = None, None
         self.reset()

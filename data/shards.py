@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.errors import UserError
+
 MAGIC = int.from_bytes(b"VLMSHARD", "little")
 VERSION = 1
 HEADER_INTS = 32
@@ -37,7 +39,7 @@ KIND_NAMES = {TEXT: "text", IMAGE_CAPTION: "image-caption", CONVERSATION: "conve
 TOKEN_DTYPES = {2: np.uint16, 4: np.uint32}
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard file that is not what its header says it is."""
 
     def __init__(self, path, problem):
@@ -170,6 +172,8 @@ def read_shard(path, expected_kind=None, vocab_size=None):
         file_size = os.path.getsize(path)
     except OSError as e:
         raise ShardError(path, f"cannot open ({e.strerror})") from None
+    if not os.path.isfile(path):
+        raise ShardError(path, "is a directory, not a shard file" if os.path.isdir(path) else "is not a regular file")
     if file_size < HEADER_BYTES:
         raise ShardError(path, f"truncated: {file_size} bytes is shorter than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i8", count=HEADER_INTS)
@@ -190,6 +194,8 @@ def read_shard(path, expected_kind=None, vocab_size=None):
         raise ShardError(path, f"vocabulary size {vocab} differs from the expected {vocab_size}")
     if min(num_tokens, num_samples, height, width) < 0 or (kind != TEXT and min(height, width) == 0):
         raise ShardError(path, "header has negative or missing counts")
+    if (num_samples if kind != TEXT else num_tokens) == 0:  # caught here, not at the first read, hours in
+        raise ShardError(path, f"empty: the {KIND_NAMES[kind]} shard holds no {'tokens' if kind == TEXT else 'samples'}")
     sections, expected_size = _layout(kind, token_bytes, num_tokens, num_samples, height, width)
     if file_size < expected_size:
         raise ShardError(path, f"truncated: {file_size:,} bytes, the header promises {expected_size:,}")

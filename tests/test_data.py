@@ -177,6 +177,29 @@ def test_inspect_command(tmp_path):
     assert fail.returncode == 1 and f"{bad}: not a shard file" in fail.stderr
 
 
+def test_empty_shards_and_directories_are_refused_up_front(tmp_path):
+    """An empty image-caption shard used to pass until the first image step (IndexError, after
+    the whole text phase); a directory gave IsADirectoryError and stopped inspect there."""
+    text, empty_captions, empty_text, folder = (tmp_path / n for n in ("t.bin", "c.bin", "e.bin", "dir.bin"))
+    shards.write_text_shard(text, np.arange(2, 300) % VOCAB, VOCAB)
+    shards.write_image_caption_shard(empty_captions, _images(0, 8, 8), [], VOCAB)
+    shards.write_text_shard(empty_text, [], VOCAB)
+    folder.mkdir()
+    for path, message in ((empty_captions, "empty: the image-caption shard holds no samples"),
+                          (empty_text, "empty: the text shard holds no tokens"),
+                          (folder, "is a directory")):
+        with pytest.raises(shards.ShardError, match=message):
+            shards.read_shard(path)
+    with pytest.raises(shards.ShardError, match="holds no samples"):  # at start-up, before any batch
+        make_pretrain_loader(([text], [empty_captions]))
+    # inspect reports every file, good or bad, and exits 1
+    result = subprocess.run([sys.executable, "-m", "data.shards", "inspect", *map(str, (folder, text, empty_captions))],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{text}: text shard" in result.stdout
+    assert f"error: {folder}: is a directory" in result.stderr and f"error: {empty_captions}: empty" in result.stderr
+
+
 def test_writer_refuses_out_of_range_tokens(tmp_path):
     with pytest.raises(ValueError, match="token ids must lie in"):
         shards.write_text_shard(tmp_path / "x.bin", [1, 2, 600], 500)

@@ -25,7 +25,8 @@ def tiny_checkpoint(path, tie, compact_vocab, vocab_size):
         for name, p in model.named_parameters():
             if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm_f.weight":
                 p.uniform_(0.5, 1.5)
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": asdict(config), "compact_vocab": compact_vocab})
+    save_checkpoint(path, {"config": {}, "model": model.state_dict(), "model_config": asdict(config),
+                           "compact_vocab": compact_vocab})
     return model
 
 

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests never download
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import evaluate  # noqa: E402
+from common import save_checkpoint  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from model import VLM, ModelConfig  # noqa: E402
 
@@ -155,7 +156,7 @@ def test_lm_eval_scores_a_checkpoint_as_evaluate_does(tiny, tmp_path):
     from harness import lm_eval_model
     model, tok = tiny
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model_config": asdict(model.config), "model": model.state_dict()}, ckpt)
+    save_checkpoint(str(ckpt), {"config": {}, "model_config": asdict(model.config), "model": model.state_dict()})
     with open(tmp_path / "items.jsonl", "w") as f:
         f.writelines(json.dumps(item) + "\n" for item in ITEMS)
     (tmp_path / "tiny_mc.yaml").write_text(  # a local lm-eval task over the local file: no download
