@@ -75,14 +75,22 @@ def setup_training(device_setting, grad_accum, seed, dtype):
     return rank, local_rank, world_size, device, grad_accum // world_size, autocast
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bfloat16 in hardware: AMX (Intel Xeon since Sapphire Rapids)
+    or AVX512-BF16 (AMD EPYC since Zen 4, Intel since Cooper Lake). On such CPUs a bf16 training
+    step is about 1.5-2x a float32 one (bench_cpu.py measures it); elsewhere bf16 is emulated
+    and slower than float32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def autocast_context(device_type, dtype):
-    """bfloat16 autocast on CUDA, and on CPUs with AMX bf16 units (there it is about 2x faster
-    than float32, see DESIGN.md); plain float32 elsewhere or when dtype = 'float32'."""
+    """bfloat16 autocast on CUDA and on CPUs with native bf16 (cpu_has_native_bf16); plain
+    float32 elsewhere or when dtype = 'float32'."""
     if dtype == "float32":
         return contextlib.nullcontext()
     if dtype != "bfloat16":
         raise UserError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-    if device_type == "cpu" and not torch.cpu._is_amx_tile_supported():
+    if device_type == "cpu" and not cpu_has_native_bf16():
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16)
 

@@ -1,9 +1,9 @@
 """Triton kernels for the model's hot spots, each with a plain PyTorch reference.
 
 Each op comes as `op` (Triton, with its own backward) and `op_reference` (plain PyTorch,
-same math and dtypes). The Triton versions run on CUDA tensors, or anywhere under
-TRITON_INTERPRET=1 (the tests); on other devices they fall back to the reference, which is
-the CPU path. tests/test_kernels.py checks both against float64 ground truth.
+what a textbook writes; it is what runs on the CPU). The Triton versions run on CUDA
+tensors, or anywhere under TRITON_INTERPRET=1 (the tests); model.Ops picks one set or the
+other, once. tests/test_kernels.py checks both against float64 ground truth.
 """
 from .cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .rmsnorm import rms_norm, rms_norm_reference

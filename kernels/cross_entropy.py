@@ -10,18 +10,14 @@ The gradients are computed in the forward pass, while the chunk's logits are at 
 so the head costs three matmuls in all (not four: the backward never recomputes logits);
 the backward only scales them by the incoming gradient of the loss.
 
-The chunk algorithm is shared; only the per-chunk loss/grad step differs: a Triton kernel
-(one program per row, two passes over the vocabulary) or plain PyTorch (the reference,
-which is what runs on the CPU).
+Each chunk's loss and gradient come from one Triton kernel (one program per row, two passes
+over the vocabulary). The reference is what a textbook writes, and what runs on the CPU:
+the full logits, in float32, into F.cross_entropy.
 """
-import os
-
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-# Triton needs a GPU, or the interpreter (TRITON_INTERPRET=1) that tests use on the CPU.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Upper bound on one chunk's logits. At 16,384 tokens x 100,352 vocab in bf16 (3.3 GB of
 # logits) this gives 4 chunks of 4,096 rows: matmuls big enough to run at full speed.
@@ -29,23 +25,6 @@ _CHUNK_BYTES = 1 << 30
 
 # Vocabulary columns a program handles per loop step.
 _BLOCK_V = 4096
-
-
-def _chunk_loss_torch(logits, targets, scale, ignore_index, compute_grad):
-    # math in float32 (float64 stays float64, so gradcheck can run on the reference)
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)  # ignored rows must still index in range
-    lse = torch.logsumexp(x, dim=-1)
-    target_logits = x.gather(1, safe_targets[:, None])[:, 0]
-    losses = torch.where(valid, lse - target_logits, 0.0)
-    if not compute_grad:
-        return losses, None
-    # softmax - onehot, in place (for float32 logits x *is* the logits buffer, like the kernel)
-    grad = x.sub_(lse[:, None]).exp_()
-    grad[torch.arange(len(targets), device=x.device), safe_targets] -= 1.0
-    grad.mul_(torch.where(valid, scale, 0.0)[:, None])  # ignored rows get zero gradient
-    return losses, grad.to(logits.dtype)
 
 
 @triton.jit
@@ -85,7 +64,7 @@ def _ce_chunk_kernel(logits_ptr, targets_ptr, losses_ptr, scale_ptr, ignore_inde
             tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _chunk_loss_triton(logits, targets, scale, ignore_index, compute_grad):
+def _chunk_loss(logits, targets, scale, ignore_index, compute_grad):
     C, V = logits.shape
     losses = torch.empty(C, device=logits.device, dtype=torch.float32)
     _ce_chunk_kernel[(C,)](logits, targets, losses, scale, ignore_index,
@@ -94,8 +73,7 @@ def _chunk_loss_triton(logits, targets, scale, ignore_index, compute_grad):
     return losses, (logits if compute_grad else None)
 
 
-def _chunked_forward(h, weight, targets, ignore_index, chunk_size, chunk_loss,
-                     need_grad_h, need_grad_w):
+def _chunked_forward(h, weight, targets, ignore_index, chunk_size, need_grad_h, need_grad_w):
     N, V = h.shape[0], weight.shape[0]
     if chunk_size is None:
         # power-of-two chunk count: equal chunks whenever N is a multiple of it
@@ -113,8 +91,7 @@ def _chunked_forward(h, weight, targets, ignore_index, chunk_size, chunk_loss,
         end = min(start + chunk_size, N)
         h_chunk = h[start:end]
         logits = h_chunk @ weight.t()
-        losses, grad_logits = chunk_loss(logits, targets[start:end], scale, ignore_index,
-                                         compute_grad)
+        losses, grad_logits = _chunk_loss(logits, targets[start:end], scale, ignore_index, compute_grad)
         token_losses.append(losses)
         if need_grad_h:
             grad_h[start:end] = grad_logits @ weight
@@ -130,10 +107,10 @@ def _chunked_forward(h, weight, targets, ignore_index, chunk_size, chunk_loss,
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, chunk_size, chunk_loss):
+    def forward(ctx, h, weight, targets, ignore_index, chunk_size):
         need_grad_h, need_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, token_losses, grad_h, grad_w = _chunked_forward(
-            h, weight, targets, ignore_index, chunk_size, chunk_loss, need_grad_h, need_grad_w)
+            h, weight, targets, ignore_index, chunk_size, need_grad_h, need_grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(token_losses)
         return loss, token_losses
@@ -143,30 +120,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_loss if grad_h is not None else None
         grad_w = grad_w * grad_loss if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def _linear_cross_entropy(h, weight, targets, ignore_index, chunk_size, chunk_loss):
-    device = h.device.type
-    # Autocast does not reach inside a custom function, so do what it would do to a linear
-    # layer: run the matmuls in the autocast dtype. The casts' own backward returns the
-    # gradients in the callers' dtypes (e.g. float32 master weights).
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        h, weight = h.to(dtype), weight.to(dtype)
-    with torch.autocast(device, enabled=False):
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size,
-                                             chunk_loss)
-        # no gradient wanted (evaluation): logits and losses only
-        loss, token_losses, _, _ = _chunked_forward(
-            h, weight, targets, ignore_index, chunk_size, chunk_loss, False, False)
-        return loss, token_losses
-
-
-def linear_cross_entropy_reference(h, weight, targets, ignore_index=-1, chunk_size=None):
-    return _linear_cross_entropy(h, weight, targets, ignore_index, chunk_size,
-                                 _chunk_loss_torch)
+def linear_cross_entropy_reference(h, weight, targets, ignore_index=-1):
+    """What the fused version computes, written plainly: the full [N, V] logits in float32.
+    Returns (loss, token_losses) as linear_cross_entropy does."""
+    token_losses = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index,
+                                   reduction="none")
+    loss = token_losses.sum() / (targets != ignore_index).sum().clamp(min=1)
+    return loss, token_losses.detach()
 
 
 def linear_cross_entropy(h, weight, targets, ignore_index=-1, chunk_size=None):
@@ -176,7 +139,16 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-1, chunk_size=None):
     0-dim float32 tensor (0 if every target is ignored), token_losses a detached float32
     [N] tensor with 0 at ignored positions. chunk_size: tokens per chunk (None: automatic).
     """
-    if not (h.is_cuda or _INTERPRET):
-        return linear_cross_entropy_reference(h, weight, targets, ignore_index, chunk_size)
-    return _linear_cross_entropy(h, weight, targets, ignore_index, chunk_size,
-                                 _chunk_loss_triton)
+    device = h.device.type
+    # Autocast does not reach inside a custom function, so do what it would do to a linear
+    # layer: run the matmuls in the autocast dtype. The casts' own backward returns the
+    # gradients in the callers' dtypes (e.g. float32 master weights).
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size)
+        # no gradient wanted (evaluation): losses only
+        loss, token_losses, _, _ = _chunked_forward(h, weight, targets, ignore_index, chunk_size, False, False)
+        return loss, token_losses

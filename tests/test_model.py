@@ -178,3 +178,23 @@ def test_qk_norm_normalises_all_heads_queries_and_keys_together():
             attn.qkv.weight[:attn.n_head * attn.head_dim] *= 7.0
         assert torch.allclose(model.logits(idx, images), before, atol=1e-4) == qk_norm
     assert attn.q_norm.weight.shape == (4 * 8,) and attn.k_norm.weight.shape == (2 * 8,) and attn.q_norm.bias is None
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_attention_equals_sdpa(causal, n_kv_head):
+    # the CPU's explicit attention must compute what the fused kernels compute on CUDA
+    from model import attention
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, n_kv_head, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ours = attention(q, k, v, causal)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                enable_gqa=n_kv_head != 4)
+    assert torch.allclose(ours, expected, atol=1e-12)
+    ours.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected.sum().backward()
+    assert all(torch.allclose(a, t.grad, atol=1e-12) for a, t in zip(grads, (q, k, v)))

@@ -1,0 +1,124 @@
+"""
+The project's CPU training step against a plain textbook PyTorch step of the same shape, in one
+run on one machine:
+
+    python bench_cpu.py                            # 4 layers, d_model 256, seq 256, batch 16, vocab 932
+    python bench_cpu.py --n_layer=8 --n_embd=512 --ffn_hidden=1408
+
+Ours is pretrain.py's step: model.VLM with the PyTorch references of kernels/ (what runs on a
+CPU), common.train_step, the fused AdamW of model.configure_optimizer, under
+common.autocast_context (bf16 where the CPU multiplies bf16 natively, float32 elsewhere).
+The baseline is bench.py's TextbookLlama (the same decoder as a tutorial writes it: separate
+q/k/v and SwiGLU matmuls, nn.RMSNorm, F.scaled_dot_product_attention, full logits into
+F.cross_entropy) with torch.optim.AdamW's defaults, timed in float32 and under bf16 autocast.
+Every variant trains on the same random batch. Rounds alternate between the variants, so a
+machine that gets busy slows them alike; each variant's median round is reported.
+"""
+
+import contextlib
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from bench import TextbookLlama
+from common import autocast_context, cpu_has_native_bf16, train_step
+from configurator import apply_overrides
+from model import VLM, ModelConfig, configure_optimizer
+
+# -----------------------------------------------------------------------------
+n_layer = 4
+n_head = 4
+n_embd = 256
+ffn_hidden = 704
+seq_len = 256
+batch_size = 16
+vocab_size = 932  # the toy world's compact vocabulary
+rounds = 5
+steps_per_round = 4
+warmup_steps = 2
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def our_step(config, x, y):
+    """pretrain.py's step on a text-only batch."""
+    model = VLM(config)
+    optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    vision_params = [p for p in model.vision.parameters() if p.requires_grad]
+    autocast = autocast_context("cpu", "bfloat16")
+
+    def step():
+        train_step(model, optimizer, [(x, y, None)], autocast, vision_params, False, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def textbook_step(config, x, y, bf16):
+    model = TextbookLlama(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+
+    def step():
+        with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def main(argv):
+    settings = {k: globals()[k] for k in ("n_layer", "n_head", "n_embd", "ffn_hidden", "seq_len", "batch_size",
+                                          "vocab_size", "rounds", "steps_per_round", "warmup_steps", "seed")}
+    s = apply_overrides(settings, argv)
+    torch.manual_seed(s["seed"])
+    config = ModelConfig(vocab_size=s["vocab_size"], block_size=s["seq_len"], n_layer=s["n_layer"],
+                         n_head=s["n_head"], n_kv_head=s["n_head"], n_embd=s["n_embd"],
+                         ffn_hidden=s["ffn_hidden"], image_token_id=s["vocab_size"] - 1)
+    x = torch.randint(0, s["vocab_size"] - 1, (s["batch_size"], s["seq_len"]))
+    y = torch.randint(0, s["vocab_size"] - 1, (s["batch_size"], s["seq_len"]))
+    ours_dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    variants = {f"ours ({ours_dtype})": our_step(config, x, y),
+                "textbook (float32)": textbook_step(config, x, y, bf16=False),
+                "textbook (bf16 autocast)": textbook_step(config, x, y, bf16=True)}
+    for step in variants.values():
+        for _ in range(s["warmup_steps"]):
+            step()
+    tokens = s["batch_size"] * s["seq_len"] * s["steps_per_round"]
+    rates = {name: [] for name in variants}
+    for _ in range(s["rounds"]):
+        for name, step in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(s["steps_per_round"]):
+                step()
+            rates[name].append(tokens / (time.perf_counter() - t0))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+
+    ours, fp32, bf16 = median.values()
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
+          f"torch {torch.__version__}; {s['n_layer']} layers, d_model {s['n_embd']}, seq {s['seq_len']}, "
+          f"batch {s['batch_size']}, vocab {s['vocab_size']}; median of {s['rounds']} rounds of "
+          f"{s['steps_per_round']} steps")
+    print("| step | tokens/s | vs textbook float32 | vs textbook bf16 |")
+    print("|---|---:|---:|---:|")
+    for name, rate in median.items():
+        print(f"| {name} | {rate:,.0f} | {rate / fp32:.2f}x | {rate / bf16:.2f}x |")
+    print(f"goals: ours >= 2x textbook float32: {'met' if ours >= 2 * fp32 else 'NOT met'}; "
+          f"ours >= 1.1x textbook bf16: {'met' if ours >= 1.1 * bf16 else 'NOT met'}")
+    return median
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
