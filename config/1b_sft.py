@@ -8,6 +8,9 @@ epochs = 2
 batch_size = 8  # per GPU
 grad_accum = 16  # 16 x 8 = 128 conversations per step over all ranks
 seq_len = 2048
+# The SigLIP tower stays frozen, as in the study's codebase (Prismatic): the projector and the
+# decoder train.
+freeze_vision = True
 learning_rate = 2e-5
 min_lr = 2e-6
 warmup_frac = 0.03

@@ -8,8 +8,8 @@
 # by us) and assuming DDP over 8 GPUs keeps that rate per GPU, it prints per seed:
 #   text run:      53,400 steps x 256 rows x 2048 = 28.0B tokens                     149 GPU-h
 #   image phase:   the same 28.0B tokens per cell (image_iters = max_iters) x 12  1,788 GPU-h
-#                  (the 12-layer ViT over 6 x 256 patches adds ~6% to an image row, so at most
-#                  +2% at ratio 0.3: left out)
+#                  (the frozen SigLIP-B/16 tower's forward over 7 x 196 patches adds a few
+#                  percent to an image row, less at ratio 0.1: left out)
 #   fine-tuning:   665k conversations (LLaVA-665k) x 2 epochs x 2,048 positions (config/1b_sft.py
 #                  pads every conversation to seq_len) = 2.72B, 14.5 GPU-h per cell    174 GPU-h
 #   evaluation:    eval_gpu_hours per cell (a guess for one process, a VQAv2-sized suite) 12 GPU-h
@@ -20,7 +20,7 @@
 # keeps 7 and each cell 2 (image phase, fine-tuning): 656 GB per seed. branch_point_ckpt is off
 # here, as the test of the shared prefix it serves would add 21 GB per cell.
 # Fine-tuning with --finetune_args="('--seq_len=1024',)" would halve its share if the
-# conversations fit (256 image tokens + the chat). A cheaper first look: --ratios="(0.1,)" (about
+# conversations fit (196 image tokens + the chat). A cheaper first look: --ratios="(0.1,)" (about
 # half), or --fracs="(0.4, 0.8, 1.0)".
 sweep_dir = "out/1b_sweep"
 data_dir = ""  # each stage's own: config/1b.py's text and captions, config/1b_sft.py's conversations
@@ -31,7 +31,8 @@ ratios = (0.1, 0.3)
 seeds = (1337,)
 pretrain_args = ()
 finetune_args = ()
-evaluate_args = ("--data_dir=data/llava",)  # eval_<task>.json + eval_images.npy, next to the conversations
+# the study's benchmarks (python data/benchmarks/prepare.py); they hold no validation text shards
+evaluate_args = ("--data_dir=data/benchmarks", "--val_text=")
 nproc = 8
 parallel = 1
 branch_point_ckpt = False
