@@ -24,10 +24,11 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from common import load_checkpoint
 from configurator import apply_overrides
+from data.atomic import atomic_write, write_text
 from data.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -91,13 +92,10 @@ def export(checkpoint, out_dir, dtype_name="float32"):
     if compact_vocab is None and os.path.exists(stale):
         os.remove(stale)
     path = os.path.join(out_dir, "model.safetensors")
-    save_file(weights, f"{path}.tmp", metadata={"format": "pt"})
-    os.replace(f"{path}.tmp", path)
+    with atomic_write(path, "wb") as f:
+        f.write(save(weights, metadata={"format": "pt"}))
     for name, text in files.items():
-        path = os.path.join(out_dir, name)
-        with open(f"{path}.tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(f"{path}.tmp", path)
+        write_text(os.path.join(out_dir, name), text + "\n")
     return out_dir
 
 

@@ -8,6 +8,7 @@ epochs = 2
 batch_size = 8  # per GPU
 grad_accum = 16  # 16 x 8 = 128 conversations per step over all ranks
 seq_len = 2048
+text_rows = 0  # conversations only, as the study
 learning_rate = 2e-5
 min_lr = 2e-6
 warmup_frac = 0.03
