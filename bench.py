@@ -52,6 +52,7 @@ from common import autocast_context, peak_flops, train_step  # noqa: E402
 from configurator import apply_overrides  # noqa: E402
 from data import shards  # noqa: E402
 from data.atomic import write_text  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 from data.loader import PretrainLoader  # noqa: E402
 from data.tokenizer import FULL_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
 from kernels.bench import ANCHOR_SHAPES, TINY_SHAPES, bench_kernels, ceilings  # noqa: E402
@@ -435,5 +436,6 @@ def main():
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     apply_overrides(globals(), sys.argv[1:])
     sys.exit(1 if main()["errors"] else 0)

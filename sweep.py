@@ -52,6 +52,7 @@ import torch
 
 from configurator import apply_overrides
 from data.atomic import atomic_write, write_text
+from data.errors import report_user_errors
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,7 +83,9 @@ account = ""
 time_limit = "24:00:00"  # per job (sbatch --time); longer training stages are split into several jobs
 sbatch_lines = ()  # more sbatch options, one per entry, e.g. ("--qos=high", "--constraint=h100")
 # The plan's estimates, and how many steps fit into one job
-gpu_tokens_per_s = 52_200.0  # training tokens per second per GPU (measured: 1.64B decoder, one H200, compiled)
+# training tokens per second per GPU: the compiled 1.64B decoder, measured by the project on one
+# H200 with torch 2.11
+gpu_tokens_per_s = 52_200.0
 sft_conversations = 0  # fine-tuning conversations per epoch; 0 = count them in the fine-tuning shards
 eval_gpu_hours = 1.0  # per evaluation
 # -----------------------------------------------------------------------------
@@ -725,4 +728,5 @@ def main():
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

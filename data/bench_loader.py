@@ -26,6 +26,7 @@ import numpy as np
 
 from PIL import Image
 
+from data.errors import report_user_errors
 from data import shards
 from data.images import load_image
 from data.loader import PretrainLoader
@@ -116,4 +117,5 @@ def main():
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.atomic import atomic_write
-from data.errors import MissingFileError, UserError
+from data.errors import MissingFileError, UserError, report_user_errors
 
 MAGIC = int.from_bytes(b"VLMSHARD", "little")
 VERSION = 1
@@ -244,4 +244,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     sys.exit(main(sys.argv[1:]))

@@ -62,6 +62,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.atomic import atomic_write, write_text  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 from data.images import load_image  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -449,4 +450,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

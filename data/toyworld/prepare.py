@@ -56,6 +56,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.atomic import atomic_write, write_text  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 from data.shards import (write_conversation_shard, write_image_caption_shard,  # noqa: E402
                          write_text_shard)
 from data.tokenizer import Tokenizer  # noqa: E402
@@ -1049,4 +1050,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()
