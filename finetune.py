@@ -111,6 +111,7 @@ for name, p in raw_model.named_parameters():
     is_vision = name.startswith("vision.")
     p.requires_grad = not ((freeze_vision and name.startswith("vision.encoder.")) or (freeze_decoder and not is_vision))
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
+vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
 
 
 def make_loader(pattern, loader_rank, shuffle):
@@ -198,11 +199,12 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro_batches = [next_batch() for _ in range(accum_per_rank)]
-    vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
     token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params, True, grad_clip)
-    if not math.isfinite(grad_norm.item()):
-        raise SystemExit(f"error: iter {iter_num}: the loss or its gradient is not finite; stopping. The last good "
-                         f"checkpoint is {os.path.join(out_dir, 'ckpt.pt')} (if one was written).")
+    if not math.isfinite(grad_norm.item()):  # the norm is all-reduced, so every rank agrees
+        last = os.path.join(out_dir, "ckpt.pt")
+        raise SystemExit(f"error: iter {iter_num}: the loss or its gradient is not finite (gradient norm {grad_norm.item()}); "
+                         f"stopping. The last good checkpoint is {last} "
+                         f"({'present' if os.path.exists(last) else 'none written yet'}).")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if iter_num % log_interval == 0 or iter_num == max_iters - 1:
