@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ import triton  # noqa: E402
 from common import autocast_context, peak_flops, train_step  # noqa: E402
 from configurator import apply_overrides  # noqa: E402
 from data import shards  # noqa: E402
+from data.atomic import write_text  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 from data.loader import PretrainLoader  # noqa: E402
 from data.tokenizer import FULL_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
 from kernels.bench import ANCHOR_SHAPES, TINY_SHAPES, bench_kernels, ceilings  # noqa: E402
@@ -167,12 +170,6 @@ class TextbookLlama(nn.Module):
         return F.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=-1)
 
 
-def write_atomic(path, text):
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
-
-
 def run_kernel_tests(selection):
     """tests/test_kernels.py in a subprocess: compiled on a GPU, interpreted on the CPU."""
     cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-p", "no:cacheprovider"]
@@ -197,8 +194,11 @@ def synthetic_loader(folder, config, seq_len, caption_len, eot_id):
     n, s = 64, config.image_size
     shards.write_image_caption_shard(captions, rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
                                      [rng.integers(0, ordinary, caption_len) for _ in range(n)], config.vocab_size)
-    return PretrainLoader([text], [captions], batch_size, seq_len, config.tokens_per_image, caption_len,
-                          config.image_token_id, eot_id, config.vocab_size, device=DEVICE)
+    # the loader needs only these three of a tokenizer (the tiny model's ids are made up)
+    tokenizer = types.SimpleNamespace(image_id=config.image_token_id, eot_id=eot_id, vocab_size=config.vocab_size)
+    return PretrainLoader(text_files=[text], caption_files=[captions], tokenizer=tokenizer, batch_size=batch_size,
+                          seq_len=seq_len, tokens_per_image=config.tokens_per_image, caption_len=caption_len,
+                          device=DEVICE)
 
 
 def sync():
@@ -399,7 +399,7 @@ def main():
 
     def kernel_tests_phase():
         results["kernel_tests"], output = run_kernel_tests(kernel_tests)
-        write_atomic(os.path.join(out_dir, "kernel_tests.txt"), output)
+        write_text(os.path.join(out_dir, "kernel_tests.txt"), output)
         print(f"  {results['kernel_tests']['summary']}", flush=True)
 
     def kernels_phase():
@@ -428,13 +428,14 @@ def main():
         free_memory()
         # written after every phase, so a run cut short still leaves what it measured
         results["goals"], results["seconds"] = goals(results), time.perf_counter() - start
-        write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
-        write_atomic(os.path.join(out_dir, "results.md"), markdown(results))
+        write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+        write_text(os.path.join(out_dir, "results.md"), markdown(results))
     folder.cleanup()
     print(f"\n{markdown(results)}\nall in {results['seconds']:.0f} s; written to {out_dir}/", flush=True)
     return results
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     apply_overrides(globals(), sys.argv[1:])
     sys.exit(1 if main()["errors"] else 0)

@@ -5,7 +5,6 @@ step, learning-rate shapes, checkpoints, logging and the MFU peak table.
 
 import concurrent.futures
 import contextlib
-import glob
 import hashlib
 import json
 import math
@@ -16,9 +15,10 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+from data.atomic import atomic_write
 from data.errors import MissingFileError, UserError
-from data.tokenizer import Tokenizer
 
 # Dense bf16 matmul peaks (FLOP/s) by device name, from the vendors' data sheets. MFU is
 # reported against the peak of the card actually in use, times the number of ranks.
@@ -95,6 +95,22 @@ def autocast_context(device_type, dtype):
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
+def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts):
+    """The module the training loop calls: torch.compile'd on CUDA (on the CPU compiling costs
+    more than it gives) and wrapped in DDP under torchrun. Shapes are static, so Dynamo compiles
+    one graph per batch layout it meets (how many rows hold images): `layouts` says how many the
+    caller can produce, and Dynamo's limit (8 by default, past which it silently runs the
+    rest eagerly) is raised to fit. Each layout costs one compile, once per process."""
+    model = raw_model
+    device_type = torch.device(device).type
+    if compile and device_type == "cuda":
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, layouts)
+        model = torch.compile(model, dynamic=False)
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    return model
+
+
 def cosine_schedule(it, warmup_iters, total_iters, peak_lr, min_lr):
     """Linear warmup to peak_lr, then a cosine decay that reaches min_lr at total_iters and
     stays there. `it` may be fractional (an image phase replays the schedule stretched)."""
@@ -102,25 +118,6 @@ def cosine_schedule(it, warmup_iters, total_iters, peak_lr, min_lr):
         return peak_lr * min(1.0, (it + 1) / warmup_iters)
     progress = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
-
-
-def find_shards(data_dir, pattern):
-    files = sorted(glob.glob(os.path.join(data_dir, pattern)))
-    if not files:
-        raise MissingFileError(f"no shards match {os.path.join(data_dir, pattern)} "
-                                "(for the toy world, run: python data/toyworld/prepare.py)")
-    return files
-
-
-def load_tokenizer(data_dir):
-    """The dataset's tokenizer: its compact vocabulary from meta.json when it has one,
-    else the full cl100k_base vocabulary."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        return Tokenizer()
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return Tokenizer(meta.get("compact_vocab"))
 
 
 def train_step(model, optimizer, micro_batches, autocast, vision_params, step_has_images, grad_clip):
@@ -244,28 +241,14 @@ def save_checkpoint(path, checkpoint):
     renames it, so a crash mid-write leaves the previous checkpoint intact. A checkpoint whose
     tensors are not all finite is refused: the last one on disk stays the last good one. A
     failed write (a full disk, Ctrl-C) removes the temporary file, which would otherwise keep
-    the disk full."""
+    the disk full (see data/atomic.py)."""
     digest, non_finite = checkpoint_digest(checkpoint)
     if non_finite:
         raise UserError(f"not writing {path}: NaN or inf in {', '.join(non_finite[:3])}"
                         f"{f' and {len(non_finite) - 3} more tensors' if len(non_finite) > 3 else ''}; "
                         "the training has diverged, the last checkpoint on disk is the last good one")
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({**checkpoint, "sha256": digest}, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        cause = e
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:  # the file system's fault (full disk, quota, permissions), not a bug
-            raise UserError(f"cannot write checkpoint {path}: {cause.strerror or cause}") from e
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save({**checkpoint, "sha256": digest}, f)
 
 
 def load_checkpoint(path):
@@ -318,9 +301,8 @@ class JsonlLog:
                     break
                 if record["iter"] < resume_iter:
                     kept.append(line if line.endswith("\n") else line + "\n")
-            with open(f"{path}.tmp", "w") as f:
+            with atomic_write(path) as f:
                 f.writelines(kept)
-            os.replace(f"{path}.tmp", path)
 
     def write(self, record):
         try:

@@ -40,10 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import autocast_context, check_positive, find_shards, load_checkpoint
+from common import autocast_context, check_positive, load_checkpoint
+from data.atomic import write_text
 from configurator import apply_overrides
 from data.errors import MissingFileError, UserError, report_user_errors
 from data.loader import PretrainLoader, to_device
+from data.shards import find_shards
 from data.tokenizer import Tokenizer
 from model import VLM, ModelConfig
 
@@ -331,8 +333,8 @@ def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_s
 def bits_per_byte(model, tokenizer, files, seq_len, batches, device, autocast, batch_size):
     """Text validation loss in bits per UTF-8 byte of the predicted text, which, unlike loss
     per token, compares models with different tokenizers. Special-token targets are left out."""
-    loader = PretrainLoader(files, [], batch_size, seq_len, model.config.tokens_per_image, 0, tokenizer.image_id,
-                            tokenizer.eot_id, tokenizer.vocab_size, device=device)
+    loader = PretrainLoader(text_files=files, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+                            device=device)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
     special = {tokenizer.eot_id, tokenizer.image_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id}
     nats = n_bytes = 0.0
@@ -394,12 +396,6 @@ def load_model(path, device):
     return model, Tokenizer(checkpoint.get("compact_vocab"))
 
 
-def write_atomically(path, text):
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
-
-
 def main(argv):
     settings = dict(ckpt=ckpt, data_dir=data_dir, tasks=tasks, max_items=max_items, batch_size=batch_size,
                     max_new_tokens=max_new_tokens, val_text=val_text, bpb_batches=bpb_batches, device=device,
@@ -444,8 +440,8 @@ def main(argv):
     table = markdown_table(results, summary, bpb)
     print(table)
     report = {"ckpt": s["ckpt"], "tasks": results, **summary, "val_text_bpb": bpb}
-    write_atomically(f"{s['ckpt']}.eval.json", json.dumps(report, indent=1))
-    write_atomically(f"{s['ckpt']}.eval.md", table + "\n")
+    write_text(f"{s['ckpt']}.eval.json", json.dumps(report, indent=1))
+    write_text(f"{s['ckpt']}.eval.md", table + "\n")
     return report
 
 

@@ -11,7 +11,7 @@ Our decoder is a Llama (RMSNorm, rotary embeddings on the half-split layout that
 rotate_half uses, SwiGLU, grouped-query attention, no biases), so the export renames weights and
 splits our fused qkv and gate_up matrices; the logits equal ours (tested in float32).
 What does not carry over:
-  - the patch encoder: a Llama reads text only, so the export is for text tasks;
+  - the vision encoder and projector: a Llama reads text only, so the export is for text tasks;
   - qk-norm (ModelConfig.qk_norm): Llama has no norm on queries and keys, so such a model is
     refused (Qwen3's architecture has one, but nobody has checked its layout against ours);
   - the tokenizer: the folder holds none. Text is cl100k_base (tiktoken) plus our special
@@ -24,10 +24,12 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from common import load_checkpoint
 from configurator import apply_overrides
+from data.atomic import atomic_write, write_text
+from data.errors import report_user_errors
 from data.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def llama_config(c, eot_id, dtype_name):
 
 
 def llama_state_dict(state, c):
-    """Our decoder's weights under Llama's names (the patch encoder's are left out)."""
+    """Our decoder's weights under Llama's names (the vision encoder's and projector's are left out)."""
     head_dim = c["n_embd"] // c["n_head"]
     q_rows, kv_rows = c["n_head"] * head_dim, c["n_kv_head"] * head_dim
     out = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["norm_f.weight"]}
@@ -91,13 +93,10 @@ def export(checkpoint, out_dir, dtype_name="float32"):
     if compact_vocab is None and os.path.exists(stale):
         os.remove(stale)
     path = os.path.join(out_dir, "model.safetensors")
-    save_file(weights, f"{path}.tmp", metadata={"format": "pt"})
-    os.replace(f"{path}.tmp", path)
+    with atomic_write(path, "wb") as f:
+        f.write(save(weights, metadata={"format": "pt"}))
     for name, text in files.items():
-        path = os.path.join(out_dir, name)
-        with open(f"{path}.tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(f"{path}.tmp", path)
+        write_text(os.path.join(out_dir, name), text + "\n")
     return out_dir
 
 
@@ -111,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main(sys.argv[1:])

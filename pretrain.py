@@ -24,18 +24,20 @@ import time
 from dataclasses import asdict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, cosine_schedule,
-                    find_shards, load_checkpoint, load_tokenizer, mean_loss, peak_flops, restore_rng_state, rng_state,
+from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
+                    cosine_schedule, load_checkpoint, mean_loss, peak_flops, restore_rng_state, rng_state,
                     save_checkpoint, setup_training, train_step)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
+from data.shards import find_shards
+from data.tokenizer import load_tokenizer
 from model import VLM, ModelConfig, configure_optimizer, load_siglip, siglip_config, siglip_folder
 
 # -----------------------------------------------------------------------------
-# defaults (config/toy.py, config/79m.py, config/1b.py override them)
+# defaults: the toy world on a CPU, a 4-layer, 256-wide model, a few minutes on 2 cores
+# (config/toy.py names that run; config/79m.py and config/1b.py override these for real data)
 # I/O
 out_dir = "out/pretrain"
 data_dir = "data/toyworld"
@@ -45,9 +47,9 @@ val_text = "val_text*.bin"
 val_captions = "val_caption*.bin"
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path to branch from
 save_fracs = ()  # text-schedule fractions at which to keep a checkpoint, e.g. (0.2, 0.4, 1.0)
-ckpt_interval = 250  # steps between resumable checkpoints (out_dir/ckpt.pt)
+ckpt_interval = 100  # steps between resumable checkpoints (out_dir/ckpt.pt)
 stop_at_iter = -1  # end this invocation after this step (checkpointed), e.g. for time-limited jobs
-log_interval = 10
+log_interval = 20
 eval_interval = 100
 eval_batches = 8  # micro-batches per validation set (text, image-caption), over all ranks
 seed = 1337
@@ -86,8 +88,11 @@ beta2 = 0.95
 grad_clip = 1.0
 # vision
 vision_start_frac = 0.8
-image_iters = 100  # length of the image phase
-image_ratio = 0.1  # share of image-caption rows (= positions) in the image phase
+# The toy's patch encoder starts from scratch (the study's is a pretrained SigLIP), so it needs
+# a few thousand captions to ground at all: 200 image steps at half image rows show it about
+# 8,000; 100 steps at a fifth (1,600 captions) left the vision tasks at chance (measured).
+image_iters = 200  # length of the image phase
+image_ratio = 0.5  # share of image-caption rows (= positions) in the image phase
 image_ratio_ramp_iters = 0  # > 0: ramp the ratio linearly from 0 over this many image-phase steps
 rewarm_lr = 1e-3  # the image phase's peak when vision_start_frac = 1.0
 rewarm_iters = 20
@@ -183,9 +188,9 @@ model_config = ModelConfig(
 
 def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
     loader = PretrainLoader(
-        find_shards(data_dir, text_pattern), find_shards(data_dir, caption_pattern), batch_size, seq_len,
-        model_config.tokens_per_image, caption_len, tokenizer.image_id, tokenizer.eot_id, tokenizer.vocab_size,
-        rank=loader_rank, world_size=loader_world, device=device)
+        text_files=find_shards(data_dir, text_pattern), caption_files=find_shards(data_dir, caption_pattern),
+        tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len, tokens_per_image=model_config.tokens_per_image,
+        caption_len=caption_len, rank=loader_rank, world_size=loader_world, device=device)
     if loader.image_size != (image_size, image_size):
         raise UserError(f"{caption_pattern}: images are {loader.image_size}, the model expects {image_size}x{image_size}")
     return loader
@@ -226,13 +231,11 @@ if init_from != "scratch":
     log_window = checkpoint["log_window"]
     del checkpoint
 
-model = raw_model
-if compile and device_type == "cuda":
-    # Shapes are static (see data/loader.py); the number of image rows takes at most three
-    # values (0 and the two neighbours of ratio x batch_size), so at most three graphs.
-    model = torch.compile(model, dynamic=False)
-if world_size > 1:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+# Rows never change shape (see data/loader.py), but the number of image rows per micro-batch
+# does: at a fixed ratio it takes three values (0 and the two neighbours of ratio x batch_size);
+# a ramp passes through every count from 0 to ceil(ratio x batch_size), one compiled graph each.
+layouts = math.ceil(image_ratio * batch_size) + 1 if image_ratio_ramp_iters > 0 else 3
+model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts)
 
 if master:
     os.makedirs(out_dir, exist_ok=True)

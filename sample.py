@@ -30,6 +30,7 @@ from PIL import Image
 from common import autocast_context, load_checkpoint
 from configurator import apply_overrides
 from data.images import load_image
+from data.errors import report_user_errors
 from data.tokenizer import Tokenizer
 from model import VLM, ModelConfig
 
@@ -183,4 +184,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main(sys.argv[1:])

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 
 from configurator import apply_overrides
+from data.atomic import atomic_write, write_text
+from data.errors import report_user_errors
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,7 +83,9 @@ account = ""
 time_limit = "24:00:00"  # per job (sbatch --time); longer training stages are split into several jobs
 sbatch_lines = ()  # more sbatch options, one per entry, e.g. ("--qos=high", "--constraint=h100")
 # The plan's estimates, and how many steps fit into one job
-gpu_tokens_per_s = 52_200.0  # training tokens per second per GPU (measured: 1.64B decoder, one H200, compiled)
+# training tokens per second per GPU: the compiled 1.64B decoder, measured by the project on one
+# H200 with torch 2.11
+gpu_tokens_per_s = 52_200.0
 sft_conversations = 0  # fine-tuning conversations per epoch; 0 = count them in the fine-tuning shards
 eval_gpu_hours = 1.0  # per evaluation
 # -----------------------------------------------------------------------------
@@ -117,12 +121,6 @@ class Stage:
 def say(message):
     with print_lock:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def write_atomically(path, text):
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
 
 
 def read_json(path):
@@ -264,7 +262,7 @@ def run_stage(stage, threads):
     if stage.moved_ckpt:
         os.replace(*stage.moved_ckpt)
         os.remove(os.path.join(stage.out_dir, "ckpt.pt"))  # the same weights again (large at 1B)
-    write_atomically(os.path.join(stage.out_dir, "DONE"), json.dumps(stage.record))
+    write_text(os.path.join(stage.out_dir, "DONE"), json.dumps(stage.record))
     say(f"finished {stage.label} in {time.time() - t0:.0f}s")
 
 
@@ -466,13 +464,13 @@ def submit_to_slurm(stages):
                       + shell(srun_command(stage, [f"--stop_at_iter={stop_at}"] if part < len(stops) else [])))
                 continue
             path = os.path.join(stage.out_dir, f"job{part}.sh")
-            write_atomically(path, script)
+            write_text(path, script)
             out = subprocess.run(["sbatch", "--parsable", *dependency, path], capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"sbatch {path} failed (exit code {out.returncode}): {out.stderr.strip()}")
             jobs.append(out.stdout.strip().split(";")[0])  # "id" or "id;cluster"
         if not dry_run:
-            write_atomically(os.path.join(stage.out_dir, "SUBMITTED"),
+            write_text(os.path.join(stage.out_dir, "SUBMITTED"),
                              json.dumps({"record": stage.record, "jobs": jobs, "stops": stops}))
             say(f"submitted {stage.label}: job{'s' * (len(jobs) > 1)} {', '.join(jobs)}"
                 + (f" (it failed before: {failed})" if failed else ""))
@@ -490,7 +488,7 @@ def submit_to_slurm(stages):
 
 def checkpoint_bytes():
     """A checkpoint of the pretraining model with its AdamW state, from the model's size."""
-    from common import load_tokenizer
+    from data.tokenizer import load_tokenizer
     from model import VLM, ModelConfig
     s = script_settings("pretrain.py", [pretrain_config, *pretrain_args, *DATA])
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -606,12 +604,12 @@ def write_results(grid, reports, not_ok):
                             "min": values.min(), "max": values.max()} if len(values) else None
             summary.append(entry)
 
-    write_atomically(os.path.join(sweep_dir, "results.json"), json.dumps(
+    write_text(os.path.join(sweep_dir, "results.json"), json.dumps(
         {"settings": config, "runs": rows, "over_seeds": summary}, indent=1))
 
     # CSV: the runs, then per cell one row each for the mean, std, min and max over its seeds
     columns = ["fraction", "ratio", "seed", "status"] + metrics
-    with open(os.path.join(sweep_dir, "results.csv.tmp"), "w", newline="") as f:
+    with atomic_write(os.path.join(sweep_dir, "results.csv"), newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -620,7 +618,6 @@ def write_results(grid, reports, not_ok):
                 writer.writerow({"fraction": entry["fraction"], "ratio": entry["ratio"], "seed": stat,
                                  "status": f"{len(entry['seeds'])} of {len(seeds)} seeds",
                                  **{m: entry[m][stat] for m in metrics if entry[m] is not None}})
-    os.replace(os.path.join(sweep_dir, "results.csv.tmp"), os.path.join(sweep_dir, "results.csv"))
 
     header = ["start fraction", "image ratio", "seed"] + task_names + ["vision avg", "text avg", "overall", "text bpb"]
     lines = ["# Sweep results", "",
@@ -642,7 +639,7 @@ def write_results(grid, reports, not_ok):
             cells = [f"{number(e[m]['mean'])} ({number(e[m]['min'])} .. {number(e[m]['max'])})" if e[m] else ""
                      for m in ("vision_avg", "text_avg", "overall_avg")]
             lines.append(f"| {e['fraction']:.2f} | {e['ratio']:.2f} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
-    write_atomically(os.path.join(sweep_dir, "results.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(sweep_dir, "results.md"), "\n".join(lines) + "\n")
     return summary
 
 
@@ -663,7 +660,8 @@ def plot_results(summary):
         ax.legend()
     fig.suptitle(f"{sweep_dir}: {len(seeds)} seed(s)" + (", bars: min to max over seeds" if len(seeds) > 1 else ""))
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "results.png"), dpi=120)
+    with atomic_write(os.path.join(sweep_dir, "results.png"), "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -688,7 +686,8 @@ def plot_lr_schedule():
     ax.set(xlabel="step", ylabel="learning rate", title="learning rate: text run and image phases")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "lr_schedule.png"), dpi=120)
+    with atomic_write(os.path.join(sweep_dir, "lr_schedule.png"), "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -729,4 +728,5 @@ def main():
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

@@ -11,6 +11,7 @@ seq_len = 2048
 # The SigLIP tower stays frozen, as in the study's codebase (Prismatic): the projector and the
 # decoder train.
 freeze_vision = True
+text_rows = 0  # conversations only, as the study
 learning_rate = 2e-5
 min_lr = 2e-6
 warmup_frac = 0.03

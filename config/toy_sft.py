@@ -1,16 +1,6 @@
 # Instruction tuning on the toy world's image conversations, a few minutes on 2 CPU cores.
 # python finetune.py config/toy_sft.py
+# finetune.py's defaults are this run's settings (rows, lengths, learning rate, text_rows); this
+# file names the run and the pretraining checkpoint it starts from (config/toy.py's).
 out_dir = "out/toy_sft"
 init_from = "out/toy/ckpt.pt"
-data_dir = "data/toyworld"
-epochs = 2
-batch_size = 32
-# 8 of each batch's 32 rows are plain pretraining text: chat-only tuning at this learning rate
-# took the text tasks from +49 to +4 points (text bits per byte 0.37 -> 3.55), with the same
-# vision scores (measured; README).
-text_rows = 8
-seq_len = 64  # 16 image tokens + the chat; 97% of toy conversations fit, the rest are cut short
-learning_rate = 1e-3
-min_lr = 1e-4
-log_interval = 20
-eval_interval = 250

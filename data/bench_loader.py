@@ -26,12 +26,13 @@ import numpy as np
 
 from PIL import Image
 
+from data.errors import report_user_errors
 from data import shards
 from data.images import load_image
 from data.loader import PretrainLoader
+from data.tokenizer import FULL_VOCAB_SIZE, Tokenizer
 
-VOCAB = 100352
-IMAGE_ID, EOT_ID = 100261, 100257
+VOCAB = FULL_VOCAB_SIZE
 
 
 def write_shards(folder, text_tokens, n_images, image_size, caption_len):
@@ -91,8 +92,9 @@ def main():
     tokens_per_image = (args.image_size // args.patch_size) ** 2
     with tempfile.TemporaryDirectory() as folder:
         text, captions = write_shards(folder, 20_000_000, 2000, args.image_size, args.caption_len)
-        loader = PretrainLoader(text, captions, args.batch_size, args.seq_len, tokens_per_image, args.caption_len,
-                                IMAGE_ID, EOT_ID, VOCAB)
+        loader = PretrainLoader(text_files=text, caption_files=captions, tokenizer=Tokenizer(),
+                                batch_size=args.batch_size, seq_len=args.seq_len, tokens_per_image=tokens_per_image,
+                                caption_len=args.caption_len)
         for f in text + captions:  # into the page cache
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
@@ -115,4 +117,5 @@ def main():
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

@@ -16,10 +16,13 @@ import io
 import numpy as np
 from PIL import Image
 
+from data.errors import MissingFileError, UserError
+
 
 def load_image(source, size):
     """A picture (a file path, its encoded bytes, or a PIL image) as uint8 [size, size, 3].
-    Raises ValueError naming the source when Pillow cannot read it."""
+    Raises a UserError naming the source when Pillow cannot read it (a user's picture or a
+    dataset's row: the preparers skip and count such rows)."""
     name = source if isinstance(source, str) else f"<{type(source).__name__}>"
     try:
         if isinstance(source, Image.Image):
@@ -29,8 +32,10 @@ def load_image(source, size):
         else:
             image = Image.open(source)
         image = image.convert("RGB")
+    except FileNotFoundError:
+        raise MissingFileError(f"{name}: no such image file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{name}: not a readable image ({e})") from None
+        raise UserError(f"{name}: not a readable image ({e})") from None
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8).copy()

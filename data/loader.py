@@ -58,12 +58,16 @@ def _open_all(files, kind, vocab_size, what):
 
 
 class PretrainLoader:
-    """Text rows and image-caption rows, mixed at the ratio the caller asks for each step."""
+    """Text rows and image-caption rows, mixed at the ratio the caller asks for each step.
+    Without caption_files it gives text rows only (fine-tuning's text rows, evaluation).
+    The tokenizer supplies the placeholder and end-of-text ids and the vocabulary size the
+    shards are checked against."""
 
-    def __init__(self, text_files, caption_files, batch_size, seq_len, tokens_per_image, caption_len,
-                 image_id, eot_id, vocab_size, rank=0, world_size=1, device="cpu"):
+    def __init__(self, *, text_files, tokenizer, batch_size, seq_len, caption_files=(), tokens_per_image=0,
+                 caption_len=0, rank=0, world_size=1, device="cpu"):
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size, self.device = rank, world_size, device
+        image_id, eot_id, vocab_size = tokenizer.image_id, tokenizer.eot_id, tokenizer.vocab_size
         self.tokens_per_image, self.image_id, self.eot_id = tokens_per_image, image_id, eot_id
         self.sample_len = tokens_per_image + caption_len + 1
         self.samples_per_row = seq_len // self.sample_len
@@ -160,11 +164,13 @@ class ConversationLoader:
     """Instruction-tuning rows: one conversation each, its image first, loss on the assistant.
     Each epoch visits every conversation once, in an order shuffled by (seed, epoch)."""
 
-    def __init__(self, files, batch_size, seq_len, tokens_per_image, image_id, pad_id, vocab_size,
-                 seed=0, shuffle=True, rank=0, world_size=1, device="cpu"):
+    def __init__(self, *, files, tokenizer, batch_size, seq_len, tokens_per_image, seed=0, shuffle=True, rank=0,
+                 world_size=1, device="cpu"):
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.tokens_per_image, self.image_id, self.pad_id = tokens_per_image, image_id, pad_id
+        # padding is <|endoftext|>; it is never trained on
+        self.tokens_per_image, self.image_id, self.pad_id = tokens_per_image, tokenizer.image_id, tokenizer.eot_id
+        vocab_size = tokenizer.vocab_size
         self.seed, self.shuffle = seed, shuffle
         self.shards = _open_all(files, CONVERSATION, vocab_size, "conversation")
         self.starts = np.cumsum([0] + [s.num_samples for s in self.shards])

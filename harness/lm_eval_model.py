@@ -25,7 +25,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 
 from common import autocast_context
 from configurator import apply_overrides
-from evaluate import greedy_answers, load_model, loglikelihoods, write_atomically
+from data.atomic import write_text
+from evaluate import greedy_answers, load_model, loglikelihoods
 
 # -----------------------------------------------------------------------------
 ckpt = "out/finetune/ckpt.pt"
@@ -107,7 +108,7 @@ def main(argv):
                               limit=s["limit"] or None,
                               task_manager=TaskManager(include_path=s["include_path"] or None))
     print(make_table(results))
-    write_atomically(f"{s['ckpt']}.lm_eval.json", json.dumps(results["results"], indent=1, default=str))
+    write_text(f"{s['ckpt']}.lm_eval.json", json.dumps(results["results"], indent=1, default=str))
     return results
 
 

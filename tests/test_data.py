@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -209,6 +210,7 @@ def test_writer_refuses_out_of_range_tokens(tmp_path):
 # ---------------------------------------------------------------------------------- loaders
 
 EOT, IMAGE, VOCAB = 0, 1, 1000
+TOKENIZER = types.SimpleNamespace(eot_id=EOT, image_id=IMAGE, vocab_size=VOCAB)  # all a loader asks of one
 
 
 @pytest.fixture
@@ -225,8 +227,8 @@ def pretrain_shards(tmp_path):
 
 def make_pretrain_loader(files, rank=0, world_size=1, batch_size=8, seq_len=64):
     text, captions = files
-    return PretrainLoader(text, captions, batch_size, seq_len, tokens_per_image=4, caption_len=10,
-                          image_id=IMAGE, eot_id=EOT, vocab_size=VOCAB, rank=rank, world_size=world_size)
+    return PretrainLoader(text_files=text, caption_files=captions, tokenizer=TOKENIZER, batch_size=batch_size,
+                          seq_len=seq_len, tokens_per_image=4, caption_len=10, rank=rank, world_size=world_size)
 
 
 def test_image_rows_hold_placeholders_captions_and_masks(pretrain_shards):
@@ -315,8 +317,8 @@ def conversation_shard(tmp_path):
 
 
 def make_conversation_loader(path, **kwargs):
-    return ConversationLoader([path], batch_size=4, seq_len=24, tokens_per_image=4, image_id=IMAGE, pad_id=EOT,
-                              vocab_size=VOCAB, seed=5, **kwargs)
+    return ConversationLoader(files=[path], tokenizer=TOKENIZER, batch_size=4, seq_len=24, tokens_per_image=4, seed=5,
+                              **kwargs)
 
 
 def test_conversation_rows_train_only_on_masked_tokens(conversation_shard):

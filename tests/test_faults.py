@@ -46,10 +46,13 @@ def finished_run(data_dir, tmp_path_factory):
     return out
 
 
-def finetune(data_dir, out_dir, *args, check=True):
-    result = subprocess.run([sys.executable, "finetune.py", "--batch_size=4", "--epochs=1", "--log_interval=1",
-                             "--eval_interval=5", "--eval_batches=1", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
-                             *args], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def finetune(data_dir, out_dir, *args, nproc=1, check=True):
+    cmd = [sys.executable, "finetune.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "finetune.py"]
+    result = subprocess.run(cmd + ["--batch_size=4", "--text_rows=0", "--epochs=1", "--log_interval=1",
+                                   "--eval_interval=5", "--eval_batches=1", f"--data_dir={data_dir}",
+                                   f"--out_dir={out_dir}", *args],
+                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if check and result.returncode != 0:
         raise AssertionError(f"finetune.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -115,7 +118,7 @@ def test_full_disk_during_a_checkpoint_write_leaves_no_temporary_file(data_dir, 
     result = subprocess.run([sys.executable, "pretrain.py", *TINY, *PHASES, f"--data_dir={data_dir}",
                              f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=small_disk)
-    assert_one_error_line(result, f"cannot write checkpoint {tmp_path / 'ckpt.pt'}: File too large")
+    assert_one_error_line(result, f"cannot write {tmp_path / 'ckpt.pt'}: File too large")
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]
 
 
@@ -240,7 +243,7 @@ def test_signal_at_a_random_moment_then_resume_equals_uninterrupted(data_dir, lo
         assert code == -signal.SIGKILL, where
     else:  # stopped after a step, with a checkpoint and the way to go on
         assert code == 128 + signum and "--init_from=resume" in stderr and "Traceback" not in stderr, where
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] or signum == signal.SIGKILL, where
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f] or signum == signal.SIGKILL, where
     resume = "--init_from=resume" if os.path.exists(tmp_path / "ckpt.pt") else "--init_from=scratch"
     pretrain(data_dir, tmp_path, *LONG, resume)
     assert read_log(tmp_path) == read_log(long_run), where
@@ -268,3 +271,15 @@ def test_sigterm_under_ddp_stops_every_rank_at_the_same_step(data_dir, tmp_path)
     pretrain(data_dir, tmp_path / "stopped", *args, "--init_from=resume", nproc=2)
     assert read_log(tmp_path / "stopped") == read_log(tmp_path / "full")
     assert_same_weights(weights(tmp_path / "stopped" / "ckpt.pt"), weights(tmp_path / "full" / "ckpt.pt"))
+
+
+def test_finetune_under_ddp_logs_the_loss_over_every_rank(data_dir, finished_run, tmp_path):
+    """2 ranks x 1 micro-batch read the conversations that 1 rank x 2 micro-batches reads, so the
+    logged loss, all-reduced over the ranks as pretrain.py's is, must be the same (it was rank
+    0's half alone)."""
+    args = [f"--init_from={finished_run / 'ckpt.pt'}", "--grad_accum=2", "--dtype=float32", "--device=cpu",
+            "--stop_at_iter=3"]
+    finetune(data_dir, tmp_path / "one", *args)
+    finetune(data_dir, tmp_path / "two", *args, nproc=2)
+    one, two = ([r["loss"] for r in read_log(tmp_path / run) if "loss" in r] for run in ("one", "two"))
+    assert len(one) == 3 and two == pytest.approx(one, rel=1e-4)

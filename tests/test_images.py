@@ -1,9 +1,8 @@
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from data.errors import MissingFileError, UserError
 from data.images import load_image
 
 
@@ -32,7 +31,9 @@ def test_greyscale_and_alpha_become_rgb():
 def test_unreadable_image_names_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match="broken.jpg"):
+    with pytest.raises(UserError, match="broken.jpg"):  # a user error: one "error:" line, no traceback
         load_image(str(bad), 8)
-    with pytest.raises(ValueError, match="not a readable image"):
+    with pytest.raises(UserError, match="not a readable image"):
         load_image(b"\xff\xd8garbage", 8)
+    with pytest.raises(MissingFileError, match="missing.png: no such image file"):
+        load_image(str(tmp_path / "missing.png"), 8)

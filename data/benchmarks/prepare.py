@@ -61,6 +61,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from data.atomic import atomic_write, write_text  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 from data.images import load_image  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -379,32 +381,27 @@ def write_pictures(name, spec, args, keys, files, pictures):
                 return
 
     path = os.path.join(args.out_dir, f"eval_{name}_images.npy")
-    tmp = f"{path}.tmp{os.getpid()}"
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                      shape=(len(needed), args.image_size, args.image_size, 3))
-    slots, progress = {}, Progress(name, len(needed))
-    pool = Pool(args.workers) if args.workers > 1 else None
-    decoded = pool.imap(decode, sources(), chunksize=8) if pool else map(decode, sources())
-    for key, picture in decoded:
-        if picture is not None:
-            store[len(slots)] = picture
-            slots[key] = len(slots)
-        progress.update()
-    if pool:
-        pool.close()
-        pool.join()
-    store.flush()
-    del store
-    os.replace(tmp, path)
+    with atomic_write(path, mode=None) as tmp:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                          shape=(len(needed), args.image_size, args.image_size, 3))
+        slots, progress = {}, Progress(name, len(needed))
+        pool = Pool(args.workers) if args.workers > 1 else None
+        decoded = pool.imap(decode, sources(), chunksize=8) if pool else map(decode, sources())
+        for key, picture in decoded:
+            if picture is not None:
+                store[len(slots)] = picture
+                slots[key] = len(slots)
+            progress.update()
+        if pool:
+            pool.close()
+            pool.join()
+        store.flush()
+        del store
     return slots
 
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def main(argv=None):
@@ -453,4 +450,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
 from data.images import load_image  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 from data.shards import write_image_caption_shard  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 
@@ -121,4 +122,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

@@ -13,8 +13,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.dclm import prepare as dclm  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     dclm.main(repo_id="HuggingFaceFW/fineweb-edu",
               revision="main",  # pass --revision=<commit> to pin one
               patterns=["sample/10BT/*.parquet"],

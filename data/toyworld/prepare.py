@@ -55,6 +55,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from data.atomic import atomic_write, write_text  # noqa: E402
+from data.errors import report_user_errors  # noqa: E402
 from data.shards import (write_conversation_shard, write_image_caption_shard,  # noqa: E402
                          write_text_shard)
 from data.tokenizer import Tokenizer  # noqa: E402
@@ -868,11 +870,7 @@ EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "stor
 # Writing
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_eval(path, name, items):
@@ -899,14 +897,14 @@ def write_samples(out_dir, cap_images, captions, chat_images, chats):
     for i in range(len(images)):
         y, x = gap + (i // 8) * cell, gap + (i % 8) * cell
         grid[y:y + size * zoom, x:x + size * zoom] = images[i].repeat(zoom, 0).repeat(zoom, 1)
-    Image.fromarray(grid).save(os.path.join(out_dir, "samples.png"))
+    with atomic_write(os.path.join(out_dir, "samples.png"), "wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
     lines = ["# samples.png, row,column: rows 0-5 are captioned training pictures"]
     lines += [f"{i // 8},{i % 8}: {c}" for i, c in enumerate(captions[:48])]
     lines += ["", "# rows 6-7 are pictures from the training conversations"]
     for i, turns in enumerate(chats[:16], start=48):
         lines.append(f"{i // 8},{i % 8}: " + " | ".join(f"{r}: {t}" for r, t in turns))
-    with open(os.path.join(out_dir, "samples.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(out_dir, "samples.txt"), "\n".join(lines) + "\n")
 
 
 def text_tokens(world, rng, tok, target):
@@ -1015,15 +1013,15 @@ def main(argv=None):
                 [tok.encode(text) for text in [it["prompt"]] + (it["options"] or answers)]
         write_eval(path(f"eval_{name}.json"), name, tasks[name])
         counts[f"eval_{name}"] = len(tasks[name])
-    np.save(path("eval_images.npy"), eval_images)
+    with atomic_write(path("eval_images.npy"), "wb") as f:
+        np.save(f, eval_images)
     counts["eval_images"] = len(eval_images)
     # Their captions are for a person trying a model on a held-out picture; no model trains on
     # them. Their own random stream leaves every other file as it was.
     r = rng("eval_captions")
     captions_path = path("eval_captions.txt")
-    with open(f"{captions_path}.tmp", "w") as f:
+    with atomic_write(captions_path) as f:
         f.writelines(caption(s, r) + "\n" for s in eval_scenes)
-    os.replace(f"{captions_path}.tmp", captions_path)
 
     meta = {"format": 1, "tokenizer": "cl100k_base", "compact_vocab": vocab, "vocab_size": V,
             "image_size": [args.image_size, args.image_size], "seed": args.seed, "scale": args.scale,
@@ -1052,4 +1050,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()
