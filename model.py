@@ -105,10 +105,10 @@ def attention(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
     if k.shape[1] != q.shape[1]:
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scaling q is cheaper than scaling scores
     if causal:
         Tq, Tk = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        scores = scores + torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
     return scores.softmax(dim=-1) @ v
 
 
