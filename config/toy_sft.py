@@ -5,7 +5,8 @@ init_from = "out/toy/ckpt.pt"
 data_dir = "data/toyworld"
 # Two epochs learn colour and counting but leave the yes/no task (exists_yn) at chance: its answer
 # must compare the asked colour and shape with every shape in the picture, a skill that appears
-# late. Four epochs learn it (docs/toy_notes.md).
+# late. Four epochs learn it in the toy sweep's small model (+29 points); this model gained from
+# -0.3 to +6.7 (docs/toy_notes.md).
 epochs = 4
 batch_size = 32
 # 8 of each batch's 32 rows are plain pretraining text: chat-only tuning at this learning rate
