@@ -51,8 +51,8 @@ grad_accum = 1  # micro-batches per step over all ranks
 # positions per conversation row; 0 = the pretrained model's context length. The toy's 64 hold
 # 16 image tokens and the chat: 97% of toy conversations fit, the rest are cut short.
 seq_len = 64
-learning_rate = 1e-3
-min_lr = 1e-4
+learning_rate = 2e-3
+min_lr = 2e-4
 warmup_frac = 0.05  # of all fine-tuning steps
 weight_decay = 0.0
 beta1 = 0.9
