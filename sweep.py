@@ -236,6 +236,19 @@ def eval_report(seed, frac, ratio):
     return read_json(os.path.join(cell_dir(seed, frac, ratio), "finetune", "ckpt.pt.eval.json"))
 
 
+def caption_grounding(seed, frac, ratio):
+    """How much the image phase taught the captions to read their pictures, before any
+    fine-tuning: the held-out caption loss with each picture swapped for another's minus the
+    loss with its own, at the phase's last evaluation (pretrain.py logs both); about 0 when the
+    model ignores its pictures."""
+    path = os.path.join(cell_dir(seed, frac, ratio), "pretrain", "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        records = [r for r in map(json.loads, f) if "val_caption_loss_swapped" in r]
+    return records[-1]["val_caption_loss_swapped"] - records[-1]["val_caption_loss"] if records else None
+
+
 # -----------------------------------------------------------------------------
 # the local launcher: subprocesses on this machine
 
@@ -582,7 +595,7 @@ def write_results(grid, reports, not_ok):
     Returns the summary over seeds."""
     any_report = next(iter(reports.values()), {"tasks": []})
     task_names = [t["name"] for t in sorted(any_report["tasks"], key=lambda t: (t["modality"] != "vision", t["name"]))]
-    metrics = task_names + ["vision_avg", "text_avg", "overall_avg", "val_text_bpb"]
+    metrics = task_names + ["vision_avg", "text_avg", "overall_avg", "caption_grounding", "val_text_bpb"]
     rows = []
     for key in grid:
         seed, frac, ratio = key
@@ -590,7 +603,8 @@ def write_results(grid, reports, not_ok):
         if key in reports:
             stable = {t["name"]: t["stable"] for t in reports[key]["tasks"]}
             row.update({name: stable.get(name) for name in task_names})
-            row.update({m: reports[key][m] for m in metrics[len(task_names):]})
+            row.update({m: reports[key][m] for m in ("vision_avg", "text_avg", "overall_avg", "val_text_bpb")})
+            row["caption_grounding"] = caption_grounding(*key)
         rows.append(row)
 
     summary = []
@@ -619,44 +633,67 @@ def write_results(grid, reports, not_ok):
                                  "status": f"{len(entry['seeds'])} of {len(seeds)} seeds",
                                  **{m: entry[m][stat] for m in metrics if entry[m] is not None}})
 
-    header = ["start fraction", "image ratio", "seed"] + task_names + ["vision avg", "text avg", "overall", "text bpb"]
+    header = ["start fraction", "image ratio", "seed"] + task_names + ["vision avg", "text avg", "overall",
+                                                                     "caption grounding", "text bpb"]
     lines = ["# Sweep results", "",
              "Stable scores after fine-tuning: accuracy minus chance, in points (evaluate.py); text bpb is "
              "the text validation loss in bits per byte. Start fraction: where images start in the text "
              "schedule (0 = from the first step, 1 = after text pretraining); image ratio: the share of "
-             "image-caption rows in the image phase.", "",
+             "image-caption rows in the image phase. Caption grounding: at the end of the image phase, "
+             "before fine-tuning, the held-out caption loss (nats per token) with every picture swapped for "
+             "another's minus with its own; about 0 means the captions did not read their pictures.", "",
              "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for r in rows:
-        values = [number(r.get(m)) for m in metrics[:-1]] + [number(r.get("val_text_bpb"), 3, "")]
+        values = [number(r.get(m)) for m in metrics[:-2]] + [number(r.get("caption_grounding"), 3),
+                                                              number(r.get("val_text_bpb"), 3, "")]
         if r["status"] != "ok":
             values = [r["status"]] + [""] * (len(values) - 1)
         lines.append(f"| {r['fraction']:.2f} | {r['ratio']:.2f} | {r['seed']} | " + " | ".join(values) + " |")
     if len(seeds) > 1:
         lines += ["", "## Over seeds: mean (min .. max)", "",
-                  "| start fraction | image ratio | seeds | vision avg | text avg | overall |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| " + " | ".join(["start fraction", "image ratio", "seeds"] + header[3:-1]) + " |",
+                  "|" + "---:|" * (len(header) - 1)]
         for e in summary:
-            cells = [f"{number(e[m]['mean'])} ({number(e[m]['min'])} .. {number(e[m]['max'])})" if e[m] else ""
-                     for m in ("vision_avg", "text_avg", "overall_avg")]
+            cells = [f"{number(e[m]['mean'], d)} ({number(e[m]['min'], d)} .. {number(e[m]['max'], d)})" if e[m] else ""
+                     for m, d in zip(metrics[:-1], [1] * (len(metrics) - 2) + [3])]
             lines.append(f"| {e['fraction']:.2f} | {e['ratio']:.2f} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
+        lines += ["", "Start fractions that differ by more than the seed spread (one's lowest seed above the "
+                  "other's highest):"]
+        for metric, name in (("vision_avg", "vision average"), ("text_avg", "text average"),
+                             ("caption_grounding", "caption grounding")):
+            for ratio in ratios:
+                pairs = beyond_spread([e for e in summary if e["ratio"] == ratio], metric)
+                said = ", ".join(f"{hi:g} > {lo:g}" for hi, lo in pairs) or "none: every difference is within it"
+                lines.append(f"- {name}, image ratio {ratio:g}: {said}")
     write_text(os.path.join(sweep_dir, "results.md"), "\n".join(lines) + "\n")
     return summary
 
 
+def beyond_spread(entries, metric):
+    """(higher, lower) start-fraction pairs whose min..max ranges over seeds do not overlap on
+    `metric`: with three seeds, the one claim about a difference that this table supports."""
+    scored = [e for e in entries if e[metric] and len(e["seeds"]) > 1]
+    return [(a["fraction"], b["fraction"]) for a in scored for b in scored
+            if a[metric]["min"] > b[metric]["max"]]
+
+
 def plot_results(summary):
-    """results.png: the two averages against the start fraction, one line per ratio; the bars
-    span the lowest to the highest seed."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, title in zip(axes, ("vision_avg", "text_avg"), ("vision tasks", "text tasks")):
+    """results.png: the two averages after fine-tuning and the caption grounding after the image
+    phase against the start fraction, one line per ratio; the bars span the lowest to the
+    highest seed."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("vision_avg", "vision tasks: average stable score", "accuracy - chance (points)"),
+              ("text_avg", "text tasks: average stable score", "accuracy - chance (points)"),
+              ("caption_grounding", "caption grounding after the image phase", "caption loss, swapped - own (nats)"))
+    for ax, (metric, title, ylabel) in zip(axes, panels):
         for ratio in ratios:
             points = [e for e in summary if e["ratio"] == ratio and e[metric]]
             x = [e["fraction"] for e in points]
             mean = np.array([e[metric]["mean"] for e in points])
             spread = [mean - [e[metric]["min"] for e in points], [e[metric]["max"] for e in points] - mean]
             ax.errorbar(x, mean, yerr=spread, marker="o", capsize=3, label=f"image ratio {ratio:g}")
-        ax.axhline(0.0, color="gray", linestyle=":", linewidth=1)  # chance
-        ax.set(title=f"{title}: average stable score", xlabel="images start at (fraction of text pretraining)",
-               ylabel="accuracy - chance (points)", xticks=fracs)
+        ax.axhline(0.0, color="gray", linestyle=":", linewidth=1)  # chance; pictures ignored
+        ax.set(title=title, xlabel="images start at (fraction of text pretraining)", ylabel=ylabel, xticks=fracs)
         ax.legend()
     fig.suptitle(f"{sweep_dir}: {len(seeds)} seed(s)" + (", bars: min to max over seeds" if len(seeds) > 1 else ""))
     fig.tight_layout()

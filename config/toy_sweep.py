@@ -2,16 +2,16 @@
 # python data/toyworld/prepare.py && python sweep.py config/toy_sweep.py
 # Per seed: one text run, then 6 start fractions x 1 image ratio = 6 cells of image phase,
 # fine-tuning and evaluation, each with the single-run toy settings (pretrain.py's and
-# finetune.py's defaults, the README's main job): a 2-layer, 128-wide model, 300 text steps and
-# a 200-step image phase of 16 x 128 tokens, four fine-tuning epochs. The main job is the cell
-# at start fraction 0.8 of the first seed. README "The study in one command" has the time each
-# seed took and the results.
+# finetune.py's defaults, the README's main job): a 2-layer, 128-wide model, 300 text steps
+# and a 600-step image phase of 16 x 128 tokens, four fine-tuning epochs. The main job is the
+# cell at start fraction 0.8 of the first seed. README "The study in one command" has the time
+# each seed took and the results.
 sweep_dir = "out/toy_sweep"
 data_dir = "data/toyworld"
 pretrain_config = "config/toy.py"
 sft_config = "config/toy_sft.py"
 fracs = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-ratios = (0.3,)
+ratios = (0.5,)
 # Three seeds: one seed's differences between neighbouring cells are about as large as what a
 # second seed moves (README), so the table and plot show min..max over these.
 seeds = (1337, 1338, 1339)

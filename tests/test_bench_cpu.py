@@ -10,3 +10,4 @@ def test_bench_cpu_times_every_variant(capsys):
     assert len(rates) == 3 and all(r > 0 for r in rates.values())
     out = capsys.readouterr().out
     assert "textbook (float32)" in out and "textbook (bf16 autocast)" in out and "goals:" in out
+    assert "GFLOP/s, float32" in out  # the matmul ceiling beside the steps

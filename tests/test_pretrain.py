@@ -1,6 +1,7 @@
 """pretrain.py end to end on a tiny model: resume, branching, DDP, the image start, bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,6 +69,15 @@ def test_loss_falls_and_images_start_at_the_start_step(continuous_run):
     assert log[4]["text_loss"] < log[0]["text_loss"]
 
 
+def test_validation_also_scores_captions_under_other_pictures(continuous_run):
+    evals = [r for r in read_log(continuous_run) if "val_caption_loss" in r]
+    assert evals
+    for r in evals:
+        assert math.isfinite(r["val_caption_loss_swapped"])
+        # each caption under its neighbour's picture: other image tokens, another loss
+        assert r["val_caption_loss_swapped"] != r["val_caption_loss"]
+
+
 def test_resume_equals_uninterrupted(data_dir, continuous_run, tmp_path):
     first = pretrain(data_dir, tmp_path, "--vision_start_frac=0.5", "--image_iters=4", "--stop_at_iter=7")
     assert "iter 6:" in first.stdout and "iter 7:" not in first.stdout
@@ -111,7 +121,8 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(data_dir, tmp_pat
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["iter"] for r in one] == [r["iter"] for r in two]
     for a, b in zip(one, two):
-        for key in ("loss", "text_loss", "caption_loss", "val_text_loss", "val_caption_loss", "image_share"):
+        for key in ("loss", "text_loss", "caption_loss", "val_text_loss", "val_caption_loss",
+                    "val_caption_loss_swapped", "image_share"):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (a["iter"], key)
     a, b = weights(tmp_path / "one" / "ckpt.pt"), weights(tmp_path / "two" / "ckpt.pt")

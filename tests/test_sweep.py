@@ -85,7 +85,7 @@ def test_every_cell_finishes_and_the_results_have_a_row_each(first_run, sweep_di
     for r in runs:
         assert r["status"] == "ok" and r["seed"] == 1337
         for key in ("color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc", "vision_avg",
-                    "text_avg", "overall_avg", "val_text_bpb"):
+                    "text_avg", "overall_avg", "caption_grounding", "val_text_bpb"):
             assert isinstance(r[key], float), key
     with open(os.path.join(sweep_dir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -117,6 +117,38 @@ def test_running_again_reuses_every_stage(first_run, data_dir, sweep_dir):
     assert "] start" not in output
     assert output.count("reused") == 1 + 4 * 3  # the text run, then 3 stages per cell
     assert file_times(sweep_dir) == before
+
+
+def test_a_second_seed_adds_its_runs_and_the_spread_over_seeds(first_run, data_dir, sweep_dir):
+    assert first_run[0] == 0, first_run[1]
+    code, output = sweep(data_dir, sweep_dir, (0.0, 0.5), (0.5,), "--seeds=(1337, 1338)")
+    assert code == 0, output
+    assert "reused   seed 1337 text run" in output and "finished seed 1338 text run" in output
+    with open(os.path.join(sweep_dir, "results.json")) as f:
+        results = json.load(f)
+    for e in results["over_seeds"]:
+        runs = [r for r in results["runs"] if r["fraction"] == e["fraction"]]
+        assert e["seeds"] == [1337, 1338] and len(runs) == 2
+        values = [r["vision_avg"] for r in runs]
+        assert e["vision_avg"]["min"] == min(values) and e["vision_avg"]["max"] == max(values)
+        assert e["vision_avg"]["mean"] == pytest.approx(sum(values) / 2)
+    with open(os.path.join(sweep_dir, "results.md")) as f:
+        text = f.read()
+    assert "## Over seeds: mean (min .. max)" in text
+    assert re.search(r"\| 0\.50 \| 0\.50 \| 2 \| [+-]\d+\.\d \([+-]\d+\.\d \.\. [+-]\d+\.\d\) \|", text)
+    assert "- vision average, image ratio 0.5: " in text and "- text average, image ratio 0.5: " in text
+
+
+def test_only_ranges_that_do_not_overlap_count_as_a_difference(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sweep.py"])
+    import sweep
+
+    def entry(frac, low, high):
+        return {"fraction": frac, "seeds": [1, 2, 3], "vision_avg": {"min": low, "max": high}}
+    entries = [entry(0.0, 10.0, 14.0), entry(0.4, 13.0, 18.0), entry(0.8, 15.0, 20.0)]
+    assert sweep.beyond_spread(entries, "vision_avg") == [(0.8, 0.0)]  # 0.4 overlaps both
+    one_seed = [dict(entry(0.0, 1.0, 1.0), seeds=[1]), dict(entry(0.8, 9.0, 9.0), seeds=[1])]
+    assert sweep.beyond_spread(one_seed, "vision_avg") == []  # one seed has no spread to beat
 
 
 # -----------------------------------------------------------------------------
