@@ -71,7 +71,7 @@ siglip_feature_layer = -2  # which SigLIP block feeds the projector (-2: second-
 freeze_vision = False  # keep the encoder as initialised or loaded; the projector still trains
 image_size = 32  # with SigLIP these two must equal the checkpoint's
 patch_size = 8
-vit_depth = 0
+vit_depth = 0  # > 0: fine-tune with freeze_vision=True, else fine-tuning undoes the blocks (docs/toy_notes.md)
 vit_width = 256
 vit_heads = 4
 caption_len = 32  # caption tokens per image-caption sample (longer ones are cut)

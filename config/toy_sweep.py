@@ -3,7 +3,7 @@
 # Per seed: one text run, then 6 start fractions x 1 image ratio = 6 cells of image phase,
 # fine-tuning and evaluation, each with the single-run toy settings (pretrain.py's and
 # finetune.py's defaults, the README's main job): a 2-layer, 128-wide model, 300 text steps
-# and a 600-step image phase of 16 x 128 tokens, four fine-tuning epochs. The main job is the
+# and a 600-step image phase of 16 x 128 tokens, six fine-tuning epochs. The main job is the
 # cell at start fraction 0.8 of the first seed. README "The study in one command" has the time
 # each seed took and the results.
 sweep_dir = "out/toy_sweep"
