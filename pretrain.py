@@ -59,7 +59,7 @@ n_head = 4
 n_kv_head = 4
 n_embd = 128
 ffn_hidden = 352
-seq_len = 128  # a toy image-caption sample is 16 image tokens + 32 caption tokens
+seq_len = 128  # two toy image-caption samples a row (16 image + 32 caption tokens + end)
 tie_embeddings = False
 rope_theta = 10000.0
 qk_norm = False  # OpenLM's qk-norm on queries and keys (the study's decoder has it)
@@ -89,12 +89,12 @@ grad_clip = 1.0
 # vision
 vision_start_frac = 0.8
 # The toy's patch encoder starts from scratch (the study's is a pretrained SigLIP), so its
-# captions need thousands of pictures before they read them. Measured from one text checkpoint
-# at 0.8 (docs/toy_notes.md), caption grounding (held-out caption loss with
-# swapped pictures minus with their own) after image phases of 200, 400, 600 steps at ratio
-# 0.5 (16 captions a step): 0.019, 0.134, 0.279 nats; at ratio 0.3, 200 and 400 steps: 0.006,
-# 0.036. Fine-tuning teaches the vision tasks either way; only a grounded image phase gives
-# the start fraction something to change.
+# captions need thousands of pictures before they read them. Caption grounding (held-out
+# caption loss with swapped pictures minus with their own) measured from one text checkpoint
+# at 0.8 after image phases of 200, 400, 600 steps at ratio 0.5 (16 captions a step): 0.019,
+# 0.134, 0.279 nats; at ratio 0.3, 200 and 400 steps: 0.006, 0.036 (docs/toy_notes.md).
+# Fine-tuning teaches the vision tasks either way; only a grounded image phase gives the start
+# fraction something to change.
 image_iters = 600  # length of the image phase
 image_ratio = 0.5  # share of image-caption rows (= positions) in the image phase
 image_ratio_ramp_iters = 0  # > 0: ramp the ratio linearly from 0 over this many image-phase steps

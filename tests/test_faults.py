@@ -81,7 +81,7 @@ def test_resume_refuses_any_changed_setting_and_keeps_the_finished_run(data_dir,
     sft = tmp_path / "sft"
     finetune(data_dir, sft, f"--init_from={finished_run / 'ckpt.pt'}", "--stop_at_iter=2")
     result = finetune(data_dir, sft, "--init_from=resume", "--learning_rate=5e-4", check=False)
-    assert_one_error_line(result, "learning_rate: checkpoint 0.001, now 0.0005")
+    assert_one_error_line(result, "learning_rate: checkpoint 0.002, now 0.0005")
 
 
 def test_branch_may_change_only_the_image_phase(data_dir, tmp_path):

@@ -119,7 +119,8 @@ def test_running_again_reuses_every_stage(first_run, data_dir, sweep_dir):
     assert file_times(sweep_dir) == before
 
 
-def test_a_second_seed_adds_its_runs_and_the_spread_over_seeds(first_run, data_dir, sweep_dir):
+def test_a_second_seed_adds_its_runs_and_the_spread_over_seeds(first_run, local_results, data_dir, sweep_dir):
+    # local_results is requested so that it holds the first run's results before this run rewrites them
     assert first_run[0] == 0, first_run[1]
     code, output = sweep(data_dir, sweep_dir, (0.0, 0.5), (0.5,), "--seeds=(1337, 1338)")
     assert code == 0, output
