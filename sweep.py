@@ -586,8 +586,12 @@ def print_local_plan(stages):
 # -----------------------------------------------------------------------------
 # results: one row per run, then the mean, spread and extremes over seeds
 
-def number(value, digits=1, sign="+"):
-    return "" if value is None else f"{value:{sign}.{digits}f}"
+def number(metric, value):
+    """A table cell: scores in points with a sign and one decimal, caption grounding in nats with
+    a sign and three, bits per byte with three."""
+    if value is None:
+        return ""
+    return f"{value:.3f}" if metric == "val_text_bpb" else f"{value:+.{3 if metric == 'caption_grounding' else 1}f}"
 
 
 def write_results(grid, reports, not_ok):
@@ -603,8 +607,8 @@ def write_results(grid, reports, not_ok):
         if key in reports:
             stable = {t["name"]: t["stable"] for t in reports[key]["tasks"]}
             row.update({name: stable.get(name) for name in task_names})
-            row.update({m: reports[key][m] for m in ("vision_avg", "text_avg", "overall_avg", "val_text_bpb")})
-            row["caption_grounding"] = caption_grounding(*key)
+            row.update({m: reports[key].get(m) for m in metrics[len(task_names):]})
+            row["caption_grounding"] = caption_grounding(*key)  # from the image phase's log, not the evaluation
         rows.append(row)
 
     summary = []
@@ -644,8 +648,7 @@ def write_results(grid, reports, not_ok):
              "another's minus with its own; about 0 means the captions did not read their pictures.", "",
              "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for r in rows:
-        values = [number(r.get(m)) for m in metrics[:-2]] + [number(r.get("caption_grounding"), 3),
-                                                              number(r.get("val_text_bpb"), 3, "")]
+        values = [number(m, r.get(m)) for m in metrics]
         if r["status"] != "ok":
             values = [r["status"]] + [""] * (len(values) - 1)
         lines.append(f"| {r['fraction']:.2f} | {r['ratio']:.2f} | {r['seed']} | " + " | ".join(values) + " |")
@@ -654,8 +657,8 @@ def write_results(grid, reports, not_ok):
                   "| " + " | ".join(["start fraction", "image ratio", "seeds"] + header[3:-1]) + " |",
                   "|" + "---:|" * (len(header) - 1)]
         for e in summary:
-            cells = [f"{number(e[m]['mean'], d)} ({number(e[m]['min'], d)} .. {number(e[m]['max'], d)})" if e[m] else ""
-                     for m, d in zip(metrics[:-1], [1] * (len(metrics) - 2) + [3])]
+            cells = [f"{number(m, e[m]['mean'])} ({number(m, e[m]['min'])} .. {number(m, e[m]['max'])})" if e[m] else ""
+                     for m in metrics[:-1]]
             lines.append(f"| {e['fraction']:.2f} | {e['ratio']:.2f} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
         lines += ["", "Start fractions that differ by more than the seed spread (one's lowest seed above the "
                   "other's highest):"]
