@@ -145,6 +145,15 @@ def train_step(model, optimizer, micro_batches, autocast, vision_params, step_ha
     return token_losses, grad_norm
 
 
+def stop_if_not_finite(grad_norm, iter_num, last_ckpt):
+    """Ends the run when a step's loss or gradient is NaN or inf (the norm is all-reduced, so
+    every rank stops together), naming the last good checkpoint; the optimizer has not stepped."""
+    if not math.isfinite(grad_norm.item()):
+        raise SystemExit(f"error: iter {iter_num}: the loss or its gradient is not finite (gradient norm "
+                         f"{grad_norm.item()}); stopping. The last good checkpoint is {last_ckpt} "
+                         f"({'present' if os.path.exists(last_ckpt) else 'none written yet'}).")
+
+
 @torch.no_grad()
 def mean_loss(raw_model, next_batch, num_batches, autocast, device, world_size):
     """Mean loss per trained token over num_batches micro-batches of every rank, averaged over

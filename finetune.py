@@ -20,7 +20,7 @@ import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
                     cosine_schedule, load_checkpoint, mean_loss, restore_rng_state, rng_state, save_checkpoint,
-                    setup_training, train_step)
+                    setup_training, stop_if_not_finite, train_step)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import ConversationLoader, PretrainLoader
@@ -204,11 +204,7 @@ while True:
         group["lr"] = lr
     micro_batches = [next_batch() for _ in range(accum_per_rank)]
     token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params, True, grad_clip)
-    if not math.isfinite(grad_norm.item()):  # the norm is all-reduced, so every rank agrees
-        last = os.path.join(out_dir, "ckpt.pt")
-        raise SystemExit(f"error: iter {iter_num}: the loss or its gradient is not finite (gradient norm {grad_norm.item()}); "
-                         f"stopping. The last good checkpoint is {last} "
-                         f"({'present' if os.path.exists(last) else 'none written yet'}).")
+    stop_if_not_finite(grad_norm, iter_num, os.path.join(out_dir, "ckpt.pt"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if iter_num % log_interval == 0 or iter_num == max_iters - 1:

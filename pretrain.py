@@ -27,7 +27,7 @@ import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
                     cosine_schedule, load_checkpoint, mean_loss, peak_flops, restore_rng_state, rng_state,
-                    save_checkpoint, setup_training, train_step)
+                    save_checkpoint, setup_training, stop_if_not_finite, train_step)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
@@ -323,11 +323,7 @@ while True:
     step_image_rows = train_loader.state["image_rows"] - rows_before  # over all ranks
     token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params,
                                          step_image_rows > 0, grad_clip)
-    if not math.isfinite(grad_norm.item()):  # the norm is all-reduced, so every rank agrees
-        last = os.path.join(out_dir, "ckpt.pt")
-        raise SystemExit(f"error: iter {iter_num}: the loss or its gradient is not finite (gradient norm {grad_norm.item()}); "
-                         f"stopping. The last good checkpoint is {last} "
-                         f"({'present' if os.path.exists(last) else 'none written yet'}).")
+    stop_if_not_finite(grad_norm, iter_num, os.path.join(out_dir, "ckpt.pt"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for (x, y, images), losses in zip(micro_batches, token_losses):
