@@ -70,7 +70,7 @@ warmup_steps = 2  # steps after the first (compiling) one, before the timed ones
 timed_steps = 8
 kernel_tests = ""  # a pytest -k expression choosing tests/test_kernels.py's tests ("" = all)
 use_kernels = True  # our Triton kernels in the model (CUDA only); False: their PyTorch references
-compile = True  # torch.compile the models and the kernels' references (CUDA only, as pretrain.py);
+compile = True  # torch.compile the models and the kernels' references (CUDA only: bench_cpu.py times the CPU);
 # False times everything eager, e.g. to still get numbers on a machine where compiling fails
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -240,7 +240,8 @@ def time_steps(key, name, step, tokens_per_step, flops_per_token, first_step=Tru
 
 
 def use_compile():
-    return compile and DEVICE == "cuda"  # as pretrain.py: on the CPU compiling costs more than it gives
+    # On the CPU (tests/test_bench.py) compiling would take minutes for steps timed in seconds.
+    return compile and DEVICE == "cuda"
 
 
 def free_memory():

@@ -7,7 +7,9 @@ run on one machine:
 
 Ours is pretrain.py's step: model.VLM with the PyTorch references of kernels/ (what runs on a
 CPU), common.train_step, the fused AdamW of model.configure_optimizer, under
-common.autocast_context (bf16 where the CPU multiplies bf16 natively, float32 elsewhere).
+common.autocast_context (bf16 where the CPU multiplies bf16 natively, float32 elsewhere);
+eager (pretrain.py's default) and through common.compile_and_wrap (--compile=True: inductor
+fuses the elementwise work into C++ loops; the first step pays for compiling, reported apart).
 The baseline is bench.py's TextbookLlama (the same decoder as a tutorial writes it: separate
 q/k/v and SwiGLU matmuls, nn.RMSNorm, F.scaled_dot_product_attention, full logits into
 F.cross_entropy) with torch.optim.AdamW's defaults, timed in float32 and under bf16 autocast.
@@ -24,7 +26,7 @@ import time
 import torch
 
 from bench import TextbookLlama
-from common import autocast_context, cpu_has_native_bf16, train_step
+from common import autocast_context, compile_and_wrap, cpu_has_native_bf16, train_step
 from configurator import apply_overrides
 from model import VLM, ModelConfig, configure_optimizer
 
@@ -51,12 +53,13 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def our_step(config, x, y):
+def our_step(config, x, y, compile):
     """pretrain.py's step on a text-only batch."""
-    model = VLM(config)
-    optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
-    vision_params = [p for p in model.vision.parameters() if p.requires_grad]
+    raw_model = VLM(config)
+    optimizer = configure_optimizer(raw_model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
     autocast = autocast_context("cpu", "bfloat16")
+    model = compile_and_wrap(raw_model, compile, "cpu", world_size=1, local_rank=0, layouts=1)
 
     def step():
         train_step(model, optimizer, [(x, y, None)], autocast, vision_params, False, 1.0)
@@ -102,10 +105,15 @@ def main(argv):
     x = torch.randint(0, s["vocab_size"] - 1, (s["batch_size"], s["seq_len"]))
     y = torch.randint(0, s["vocab_size"] - 1, (s["batch_size"], s["seq_len"]))
     ours_dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
-    variants = {f"ours ({ours_dtype})": our_step(config, x, y),
+    variants = {f"ours ({ours_dtype})": our_step(config, x, y, compile=False),
+                f"ours ({ours_dtype}, compiled)": our_step(config, x, y, compile=True),
                 "textbook (float32)": textbook_step(config, x, y, bf16=False),
                 "textbook (bf16 autocast)": textbook_step(config, x, y, bf16=True)}
-    for step in variants.values():
+    first_step_s = {}
+    for name, step in variants.items():
+        t0 = time.perf_counter()
+        step()
+        first_step_s[name] = time.perf_counter() - t0
         for _ in range(s["warmup_steps"]):
             step()
     tokens = s["batch_size"] * s["seq_len"] * s["steps_per_round"]
@@ -118,22 +126,23 @@ def main(argv):
             rates[name].append(tokens / (time.perf_counter() - t0))
     median = {name: statistics.median(r) for name, r in rates.items()}
 
-    ours, fp32, bf16 = median.values()
+    eager, compiled, fp32, bf16 = median.values()
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
           f"torch {torch.__version__}; {s['n_layer']} layers, d_model {s['n_embd']}, seq {s['seq_len']}, "
           f"batch {s['batch_size']}, vocab {s['vocab_size']}; median of {s['rounds']} rounds of "
           f"{s['steps_per_round']} steps")
-    print("| step | tokens/s | vs textbook float32 | vs textbook bf16 |")
-    print("|---|---:|---:|---:|")
+    print("| step | tokens/s | vs textbook float32 | vs textbook bf16 | first step |")
+    print("|---|---:|---:|---:|---:|")
     for name, rate in median.items():
-        print(f"| {name} | {rate:,.0f} | {rate / fp32:.2f}x | {rate / bf16:.2f}x |")
+        print(f"| {name} | {rate:,.0f} | {rate / fp32:.2f}x | {rate / bf16:.2f}x | {first_step_s[name]:.1f} s |")
     # The MLP's first matmul (tokens x d_model @ d_model x 2 ffn_hidden), the step's largest.
     shape = (s["batch_size"] * s["seq_len"], s["n_embd"], 2 * s["ffn_hidden"])
     bf16_rate, fp32_rate = matmul_rate(*shape, torch.bfloat16), matmul_rate(*shape, torch.float32)
     print(f"matmul {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}: bf16 {bf16_rate:.0f} GFLOP/s, float32 "
           f"{fp32_rate:.0f} GFLOP/s ({bf16_rate / fp32_rate:.2f}x)")
-    print(f"goals: ours >= 2x textbook float32: {'met' if ours >= 2 * fp32 else 'NOT met'}; "
-          f"ours >= 1.1x textbook bf16: {'met' if ours >= 1.1 * bf16 else 'NOT met'}")
+    for name, ours in (("eager", eager), ("compiled", compiled)):
+        print(f"goals, ours {name}: >= 2x textbook float32: {'met' if ours >= 2 * fp32 else 'NOT met'}; "
+              f">= 1.1x textbook bf16: {'met' if ours >= 1.1 * bf16 else 'NOT met'}")
     return median
 
 

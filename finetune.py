@@ -69,7 +69,7 @@ eval_batches = 8  # validation micro-batches over all ranks
 seed = 1337
 device = "auto"
 dtype = "bfloat16"
-compile = True  # CUDA only
+compile = False  # torch.compile the model (see pretrain.py)
 use_kernels = True  # CUDA only
 # -----------------------------------------------------------------------------
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback

@@ -103,7 +103,7 @@ rewarm_iters = 20
 # system
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype ("float32" turns it off)
-compile = True  # torch.compile the model (CUDA only; on the CPU it costs more than it gives)
+compile = False  # torch.compile the model: what the GPU configs do; on the CPU it pays off past the toy runs
 use_kernels = True  # Triton kernels (CUDA only; the PyTorch references run elsewhere)
 # -----------------------------------------------------------------------------
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback

@@ -37,3 +37,4 @@ rewarm_iters = 1000
 log_interval = 10
 eval_interval = 1000
 ckpt_interval = 1000
+compile = True  # torch.compile the model (the scripts default to eager, for the short CPU toy runs)

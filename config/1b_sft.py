@@ -18,3 +18,4 @@ warmup_frac = 0.03
 log_interval = 10
 eval_interval = 500
 ckpt_interval = 1000
+compile = True  # torch.compile the model (the scripts default to eager, for the short CPU toy runs)

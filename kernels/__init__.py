@@ -1,7 +1,9 @@
 """Triton kernels for the model's hot spots, each with a plain PyTorch reference.
 
 Each op comes as `op` (Triton, with its own backward) and `op_reference` (plain PyTorch,
-what a textbook writes; it is what runs on the CPU). The Triton versions run on CUDA
+what a textbook writes; it is what runs on the CPU). Two references, RMSNorm and rotary,
+write their backward out as the kernels do: autograd's retracing of their forward cost the
+CPU step about 4% (bench_cpu.py's shape, AMD EPYC, 2026-11-27). The Triton versions run on CUDA
 tensors, or anywhere under TRITON_INTERPRET=1 (the tests); model.Ops picks one set or the
 other, once. tests/test_kernels.py checks both against float64 ground truth.
 """

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 
-def apply_rotary_reference(x, cos, sin):
+def _rotate_reference(x, cos, sin):
     # One copy first: on the CPU these elementwise ops run about 1.5x faster on contiguous
     # memory than on q's or k's strided view of the fused qkv projection.
     x = x.contiguous()
@@ -23,6 +23,25 @@ def apply_rotary_reference(x, cos, sin):
     # broadcast over batch and heads, in x's dtype (the kernel rotates in float32)
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class _RotaryReference(torch.autograd.Function):
+    """As the kernel: the backward rotates the gradient back by the negative angle, one pass
+    where autograd would retrace the slices, products and concatenation of the forward."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate_reference(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        return _rotate_reference(grad_out, cos, -sin), None, None
+
+
+def apply_rotary_reference(x, cos, sin):
+    return _RotaryReference.apply(x, cos, sin)
 
 
 @triton.jit

@@ -7,7 +7,9 @@ def test_bench_cpu_times_every_variant(capsys):
     rates = bench_cpu.main(["--n_layer=1", "--n_head=2", "--n_embd=32", "--ffn_hidden=64", "--seq_len=32",
                             "--batch_size=2", "--vocab_size=64", "--rounds=2", "--steps_per_round=1",
                             "--warmup_steps=1"])
-    assert len(rates) == 3 and all(r > 0 for r in rates.values())
+    assert len(rates) == 4 and all(r > 0 for r in rates.values())
+    assert any("compiled" in name for name in rates)  # pretrain.py's --compile=True step
     out = capsys.readouterr().out
-    assert "textbook (float32)" in out and "textbook (bf16 autocast)" in out and "goals:" in out
+    assert "textbook (float32)" in out and "textbook (bf16 autocast)" in out
+    assert "goals, ours eager:" in out and "goals, ours compiled:" in out
     assert "GFLOP/s, float32" in out  # the matmul ceiling beside the steps

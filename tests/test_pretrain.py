@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+from common import compile_and_wrap
 from configurator import apply_overrides
+from data.errors import UserError
 from tests.tiny_data import ROOT, make_tiny_dataset
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--ffn_hidden=64", "--seq_len=64",
@@ -145,6 +147,12 @@ def test_bad_settings_are_rejected(data_dir, tmp_path):
                          ("--vision_start_frac=1.5", "vision_start_frac must lie in [0, 1]")]:
         result = pretrain(data_dir, tmp_path, arg, check=False)
         assert result.returncode != 0 and message in result.stderr, (arg, result.stderr[-500:])
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(UserError, match=r"compile=True on the CPU needs a C\+\+ compiler \(no-such-compiler"):
+        compile_and_wrap(torch.nn.Linear(2, 2), True, "cpu", world_size=1, local_rank=0, layouts=1)
 
 
 def test_configurator_files_and_arguments(tmp_path):
