@@ -5,7 +5,7 @@
 # finetune.py's defaults, the README's main job): a 2-layer, 128-wide model, 300 text steps
 # and a 600-step image phase of 16 x 128 tokens, six fine-tuning epochs. The main job is the
 # cell at start fraction 0.8 of the first seed. README "The study in one command" has the time
-# each seed took and the results.
+# the three seeds took and the results.
 sweep_dir = "out/toy_sweep"
 data_dir = "data/toyworld"
 pretrain_config = "config/toy.py"
