@@ -83,8 +83,8 @@ account = ""
 time_limit = "24:00:00"  # per job (sbatch --time); longer training stages are split into several jobs
 sbatch_lines = ()  # more sbatch options, one per entry, e.g. ("--qos=high", "--constraint=h100")
 # The plan's estimates, and how many steps fit into one job
-# training tokens per second per GPU: the compiled 1.64B decoder, measured by the project on one
-# H200 with torch 2.11
+# training tokens per second per GPU: a plain compiled Llama-style decoder of config/1b.py's shape
+# (1.64B parameters) on one H200 with torch 2.11; our own model's rate awaits bench.py on a GPU
 gpu_tokens_per_s = 52_200.0
 sft_conversations = 0  # fine-tuning conversations per epoch; 0 = count them in the fine-tuning shards
 eval_gpu_hours = 1.0  # per evaluation

@@ -4,8 +4,9 @@
 # python sweep.py config/1b_sweep.py --launcher=slurm --partition=gpu --account=myproject
 #
 # --dry_run computes the cost from the settings below: a stage's tokens / gpu_tokens_per_s. With
-# 52.2k tokens/s per GPU (the compiled 1.64B decoder at 2048 context, measured by the project on
-# one H200 with torch 2.11) and assuming DDP over 8 GPUs keeps that rate per GPU, it prints per seed:
+# 52.2k tokens/s per GPU (a plain compiled Llama-style decoder of config/1b.py's shape, 1.64B
+# parameters at 2048 context, measured on one H200 with torch 2.11; our own model's rate awaits
+# bench.py on a GPU) and assuming DDP over 8 GPUs keeps that rate per GPU, it prints per seed:
 #   text run:      53,400 steps x 256 rows x 2048 = 28.0B tokens                     149 GPU-h
 #   image phase:   the same 28.0B tokens per cell (image_iters = max_iters) x 12  1,788 GPU-h
 #                  (the frozen SigLIP-B/16 tower's forward over 7 x 196 patches adds a few
