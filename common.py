@@ -107,10 +107,11 @@ def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts
     model = raw_model
     device_type = torch.device(device).type
     if compile:
-        if device_type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
-            raise UserError(f"compile=True on the CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')}, "
-                            "or the one the CXX variable names): inductor builds its kernels with it. "
-                            "Install one or pass --compile=False")
+        cxx = os.environ.get("CXX", "g++")  # the compiler inductor looks for on the CPU
+        if device_type == "cpu" and shutil.which(cxx) is None:
+            raise UserError(f"compile=True on the CPU needs a C++ compiler ({cxx}, or the one the CXX "
+                            "variable names): inductor builds its kernels with it. Install one or pass "
+                            "--compile=False")
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, layouts)
         model = torch.compile(model, dynamic=False)
     if world_size > 1:
