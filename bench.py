@@ -49,14 +49,14 @@ os.environ["TRITON_INTERPRET"] = "0" if DEVICE == "cuda" else "1"
 import triton  # noqa: E402
 
 from common import autocast_context, peak_flops, train_step  # noqa: E402
-from configurator import apply_overrides  # noqa: E402
+from configurator import apply_overrides, script_settings  # noqa: E402
 from data import shards  # noqa: E402
 from data.atomic import write_text  # noqa: E402
 from data.errors import report_user_errors  # noqa: E402
 from data.loader import PretrainLoader  # noqa: E402
 from data.tokenizer import FULL_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
 from kernels.bench import ANCHOR_SHAPES, TINY_SHAPES, bench_kernels, ceilings  # noqa: E402
-from model import VLM, ModelConfig, configure_optimizer  # noqa: E402
+from model import VLM, configure_optimizer, model_config_from_settings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GiB = 2**30
@@ -77,32 +77,23 @@ seed = 1337
 
 
 # === THE MODEL THAT IS TIMED ===================================================================
-# The one place that turns config/1b.py into a model. It mirrors pretrain.py's ModelConfig(...)
-# call: every setting of config/1b.py that is a ModelConfig field is passed on as is. Adapt it
-# here when model.py or config/1b.py change.
 def bench_model_config(tiny):
-    """(ModelConfig, seq_len, caption_len, eot_id): config/1b.py's model with the full cl100k
-    vocabulary (real data has no compact vocabulary), or toy sizes when tiny."""
-    settings = {}
-    path = os.path.join(ROOT, "config", "1b.py")
-    with open(path) as f:
-        exec(f.read(), settings)
+    """(ModelConfig, freeze_vision, seq_len, caption_len, eot_id): the model that
+    `pretrain.py config/1b.py` builds, through the same settings-to-model function, with the
+    full cl100k vocabulary (real data has no compact vocabulary), or toy sizes when tiny. The
+    SigLIP tower's shape is ModelConfig's default, SigLIP-B/16's, so nothing is downloaded."""
+    overrides = []
     vocab, image_id, eot_id = FULL_VOCAB_SIZE, SPECIAL_TOKENS["<|image|>"], SPECIAL_TOKENS["<|endoftext|>"]
     if tiny:
-        settings.update(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, ffn_hidden=96, seq_len=32,
-                        image_size=16, patch_size=8, vit_depth=1, vit_width=32, vit_heads=2, caption_len=8,
-                        vision_encoder="patches", freeze_vision=False)
+        overrides = ["--n_layer=2", "--n_head=2", "--n_kv_head=2", "--n_embd=64", "--ffn_hidden=96", "--seq_len=32",
+                     "--image_size=16", "--patch_size=8", "--vit_depth=1", "--vit_width=32", "--vit_heads=2",
+                     "--caption_len=8", "--vision_encoder=patches", "--freeze_vision=False"]
         vocab, image_id, eot_id = 500, 498, 499
-    fields = {k: v for k, v in settings.items() if k in ModelConfig.__dataclass_fields__}
-    # pretrain.py's vision_encoder names a Hub checkpoint; ModelConfig's says which tower to
-    # build. ModelConfig's SigLIP defaults are SigLIP-B/16's shape, so nothing is downloaded.
-    fields["vision_encoder"] = "patches" if settings.get("vision_encoder", "patches") == "patches" else "siglip"
-    freeze_vision = settings.get("freeze_vision", False)
+    settings = script_settings("pretrain.py", ["config/1b.py", *overrides])
     # The kernels on CUDA only, as pretrain.py: in Triton's interpreter a CPU step would take
     # minutes (kernels/bench.py still runs them there, at toy sizes).
-    fields.update(vocab_size=vocab, block_size=settings["seq_len"], image_token_id=image_id,
-                  use_kernels=use_kernels and DEVICE == "cuda")
-    return ModelConfig(**fields), freeze_vision, settings["seq_len"], settings["caption_len"], eot_id
+    config = model_config_from_settings(settings, vocab, image_id, use_kernels=use_kernels and DEVICE == "cuda")
+    return config, settings["freeze_vision"], settings["seq_len"], settings["caption_len"], eot_id
 # ===============================================================================================
 
 

@@ -12,8 +12,13 @@ typo such as --learning_rat=1e-3 stops the run instead of being silently ignored
 """
 
 import ast
+import contextlib
+import io
+import os
 
 from data.errors import UserError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _settings(namespace):
@@ -74,4 +79,21 @@ def apply_overrides(namespace, argv):
                 raise UserError(f"{source}: unknown setting {key!r}")
             namespace[key] = settings[key] = _checked(key, value, settings[key], source)
             print(f"config: {key} = {namespace[key]!r}")
+    return settings
+
+
+def script_settings(script, args):
+    """The settings `script args` would run with, without running it: the script's literal
+    defaults (the assignments at its top, read from its source) with the config files and
+    --key=value arguments applied. sweep.py plans its stages and bench.py builds config/1b.py's
+    model this way."""
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    settings = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            with contextlib.suppress(ValueError, TypeError, SyntaxError):
+                settings[node.targets[0].id] = ast.literal_eval(node.value)
+    with contextlib.redirect_stdout(io.StringIO()):  # it echoes every setting it applies
+        apply_overrides(settings, args)
     return settings

@@ -27,6 +27,7 @@ from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
 import kernels
+from data.errors import MissingFileError, UserError
 
 
 @dataclass
@@ -42,7 +43,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qk_norm: bool = False  # normalise queries and keys before attention, as OpenLM (see Attention)
-    # the vision encoder: "patches" (a PatchEncoder trained from scratch) or "siglip"
+    # the vision encoder: "patches" (a PatchEncoder trained from scratch) or "siglip" (a
+    # pretrained SigLIP tower; the weights' source is a script setting, vision_weights)
     vision_encoder: str = "patches"
     image_size: int = 32
     patch_size: int = 8
@@ -70,6 +72,35 @@ class ModelConfig:
     @property
     def tokens_per_image(self):
         return (self.image_size // self.patch_size) ** 2
+
+
+VISION_ENCODERS = ("patches", "siglip")
+# The ModelConfig fields that a pretraining script's settings of the same name set as they are.
+MODEL_SETTINGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings", "qk_norm",
+                  "vision_encoder", "image_size", "patch_size", "vit_depth", "vit_width", "vit_heads",
+                  "siglip_feature_layer")
+
+
+def model_config_from_settings(settings, vocab_size, image_token_id, siglip_dir=None, use_kernels=False):
+    """The ModelConfig that pretraining settings describe (pretrain.py's settings after its
+    config files and --key=value overrides): the one place where settings become a model, for
+    pretrain.py, bench.py and sweep.py alike. The context (block_size) is seq_len. With
+    vision_encoder = "siglip" the tower's shape and normalisation come from its checkpoint
+    folder siglip_dir (siglip_config); without a folder they are ModelConfig's defaults,
+    SigLIP-B/16 at 224's, which is enough for estimates that must not download anything."""
+    s = settings
+    if s["vision_encoder"] not in VISION_ENCODERS:
+        raise UserError(f"vision_encoder must be one of {VISION_ENCODERS}, got {s['vision_encoder']!r} "
+                        "(a SigLIP checkpoint is named by vision_weights)")
+    fields = {name: s[name] for name in MODEL_SETTINGS}
+    if s["vision_encoder"] == "siglip" and siglip_dir is not None:
+        tower = siglip_config(siglip_dir)
+        for key in ("image_size", "patch_size"):  # settings the data depends on: they must agree
+            if tower[key] != s[key]:
+                raise UserError(f"{key} is {s[key]}, but the vision encoder {s['vision_weights']} takes {tower[key]}")
+        fields.update(tower)
+    return ModelConfig(vocab_size=vocab_size, block_size=s["seq_len"], image_token_id=image_token_id,
+                       use_kernels=use_kernels, **fields)
 
 
 class Ops:
@@ -482,7 +513,7 @@ def siglip_folder(source, revision, weights=True):
     if os.path.isdir(source):
         return source
     if source.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"vision_encoder {source}: no such folder")
+        raise MissingFileError(f"vision_weights {source}: no such folder")
     names = SIGLIP_CONFIG_FILES + (("model.safetensors",) if weights else ())
     return os.path.dirname([hf_hub_download(source, name, revision=revision) for name in names][-1])
 
@@ -493,16 +524,16 @@ def siglip_config(folder):
     model's), its normalisation from preprocessor_config.json."""
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: not a SigLIP checkpoint folder")
+        raise MissingFileError(f"{path} does not exist: not a SigLIP checkpoint folder")
     with open(path) as f:
         config = json.load(f)
     if config.get("model_type") not in ("siglip", "siglip_vision_model"):
-        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not a SigLIP model")
+        raise UserError(f"{path}: model_type is {config.get('model_type')!r}, not a SigLIP model")
     vision = config.get("vision_config", config)
     # A Hub config.json may leave out values equal to transformers' SiglipVisionConfig
     # defaults (SigLIP-B/16 at 224's), so those defaults fill any gap.
     if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"{path}: hidden_act {vision['hidden_act']!r}; SiglipBlock implements GELU (tanh) only")
+        raise UserError(f"{path}: hidden_act {vision['hidden_act']!r}; SiglipBlock implements GELU (tanh) only")
     fields = dict(vision_encoder="siglip", image_size=vision.get("image_size", 224),
                   patch_size=vision.get("patch_size", 16), siglip_width=vision.get("hidden_size", 768),
                   siglip_depth=vision.get("num_hidden_layers", 12), siglip_heads=vision.get("num_attention_heads", 12),
@@ -525,7 +556,7 @@ def load_siglip(encoder, folder):
     is an error that names it."""
     path = os.path.join(folder, "model.safetensors")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: not a SigLIP checkpoint folder")
+        raise MissingFileError(f"{path} does not exist: not a SigLIP checkpoint folder")
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
         # A full SiglipModel's vision tensors start with "vision_model."; a vision-only model
@@ -547,14 +578,14 @@ def load_siglip(encoder, folder):
         for key in sorted(keys):
             is_text = prefix and not key.startswith(prefix)  # text tower, logit_scale, logit_bias
             if not is_text and key not in wanted and not key.startswith(unused):
-                raise ValueError(f"{path}: unknown tensor {key} (not part of the SigLIP tower we build)")
+                raise UserError(f"{path}: unknown tensor {key} (not part of the SigLIP tower we build)")
         state = {}
         for name, key in theirs_of.items():
             if key not in keys:
-                raise ValueError(f"{path}: tensor {key} is missing")
+                raise UserError(f"{path}: tensor {key} is missing")
             tensor = f.get_tensor(key)
             if tensor.shape != ours[name].shape:
-                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                raise UserError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
                                  f"{tuple(ours[name].shape)} (check the tower's config.json)")
             state[name] = tensor
     encoder.load_state_dict(state)

@@ -33,7 +33,7 @@ from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
 from data.shards import find_shards
 from data.tokenizer import load_tokenizer
-from model import VLM, ModelConfig, configure_optimizer, load_siglip, siglip_config, siglip_folder
+from model import VISION_ENCODERS, VLM, configure_optimizer, load_siglip, model_config_from_settings, siglip_folder
 
 # -----------------------------------------------------------------------------
 # defaults: the toy world on a CPU, a 2-layer, 128-wide model, under a minute on 2 cores
@@ -63,10 +63,11 @@ seq_len = 128  # two toy image-caption samples a row (16 image + 32 caption toke
 tie_embeddings = False
 rope_theta = 10000.0
 qk_norm = False  # OpenLM's qk-norm on queries and keys (the study's decoder has it)
-# "patches": a PatchEncoder trained from scratch (the toy default, the study's ablation); else a
-# SigLIP checkpoint, a Hub repository id or a local folder in its layout, loaded on a scratch start
+# "patches": a PatchEncoder trained from scratch (the toy default, the study's ablation);
+# "siglip": a pretrained SigLIP tower, loaded from vision_weights on a scratch start
 vision_encoder = "patches"
-vision_revision = "main"  # the Hub revision (commit) of vision_encoder; configs pin one
+vision_weights = ""  # "siglip": a Hub repository id, or a local folder in the Hub's layout
+vision_revision = "main"  # the Hub revision (commit) of vision_weights; configs pin one
 siglip_feature_layer = -2  # which SigLIP block feeds the projector (-2: second-to-last, as Prismatic)
 freeze_vision = False  # keep the encoder as initialised or loaded; the projector still trains
 image_size = 32  # with SigLIP these two must equal the checkpoint's
@@ -125,6 +126,10 @@ def check_settings():
                             "log_interval", "eval_interval", "eval_batches"])
     if n_embd % n_head or n_head % n_kv_head:
         raise UserError(f"n_head ({n_head}) must divide n_embd ({n_embd}) and be a multiple of n_kv_head ({n_kv_head})")
+    if vision_encoder not in VISION_ENCODERS:
+        raise UserError(f"vision_encoder must be one of {VISION_ENCODERS}, got {vision_encoder!r}")
+    if vision_encoder == "siglip" and not vision_weights:
+        raise UserError("vision_encoder is 'siglip': set vision_weights to a Hub repository id or a local folder")
     if vit_depth > 0 and (vit_heads <= 0 or vit_width % vit_heads):
         raise UserError(f"vit_heads ({vit_heads}) must be positive and divide vit_width ({vit_width})")
     if not 0.0 <= vision_start_frac <= 1.0:
@@ -173,21 +178,12 @@ def image_ratio_at(it):
 # -----------------------------------------------------------------------------
 # data and model
 tokenizer = load_tokenizer(data_dir)
-vision_config = {}
-if vision_encoder != "patches":
+siglip_dir = None
+if vision_encoder == "siglip":
     # Only a scratch start needs the pretrained weights; a resume or branch has them in its checkpoint.
-    siglip_dir = siglip_folder(vision_encoder, vision_revision, weights=init_from == "scratch")
-    vision_config = siglip_config(siglip_dir)
-    for key, value in (("image_size", image_size), ("patch_size", patch_size)):
-        encoders_value = vision_config.pop(key)
-        if encoders_value != value:
-            raise ValueError(f"{key} is {value}, but the vision encoder {vision_encoder} takes {encoders_value}")
-model_config = ModelConfig(
-    vocab_size=tokenizer.vocab_size, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-    n_embd=n_embd, ffn_hidden=ffn_hidden, rope_theta=rope_theta, tie_embeddings=tie_embeddings, qk_norm=qk_norm,
-    image_size=image_size, patch_size=patch_size, vit_depth=vit_depth, vit_width=vit_width, vit_heads=vit_heads,
-    siglip_feature_layer=siglip_feature_layer, **vision_config, image_token_id=tokenizer.image_id,
-    use_kernels=use_kernels and device_type == "cuda")
+    siglip_dir = siglip_folder(vision_weights, vision_revision, weights=init_from == "scratch")
+model_config = model_config_from_settings(config, tokenizer.vocab_size, tokenizer.image_id, siglip_dir,
+                                          use_kernels=use_kernels and device_type == "cuda")
 
 
 def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
@@ -205,7 +201,7 @@ train_loader = make_loader(train_text, train_captions, rank, world_size)
 val_loader = make_loader(val_text, val_captions, rank, world_size)
 
 raw_model = VLM(model_config).to(device)
-if vision_encoder != "patches" and init_from == "scratch":
+if vision_encoder == "siglip" and init_from == "scratch":
     load_siglip(raw_model.vision.encoder, siglip_dir)
 raw_model.vision.encoder.requires_grad_(not freeze_vision)  # before the optimizer: no state for frozen ones
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)

@@ -28,14 +28,12 @@ end at stop_at_iter and continue with init_from=resume; a preempted job is reque
 and continues from its out_dir/ckpt.pt.
 """
 
-import ast
 import concurrent.futures
 import contextlib
 import csv
 import dataclasses
 import getpass
 import glob
-import io
 import json
 import math
 import os
@@ -50,7 +48,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from configurator import apply_overrides
+from configurator import apply_overrides, script_settings
 from data.atomic import atomic_write, write_text
 from data.errors import report_user_errors
 
@@ -94,7 +92,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CORES = len(os.sched_getaffinity(0))
 DATA = [f"--data_dir={data_dir}"] if data_dir else []
 JOB_TIME_SHARE = 0.9  # plan a job's steps for 90% of its time limit: start-up, compile and checkpoints take the rest
-CKPT_BYTES_PER_PARAM = 12  # float32 weights + AdamW's two float32 moments
+WEIGHT_BYTES, ADAMW_BYTES = 4, 8  # per parameter in a checkpoint: float32 weights; AdamW's two float32 moments
 print_lock = threading.Lock()
 
 
@@ -140,21 +138,6 @@ def cell_dir(seed, frac, ratio):
 
 def frac_ckpt(directory, frac):
     return os.path.join(directory, f"ckpt_frac{frac:.2f}.pt")  # pretrain.py's name for it
-
-
-def script_settings(script, args):
-    """The settings `script args` would run with, without running it: the script's literal
-    defaults (the assignments at its top) with the config files and --key=value applied."""
-    with open(os.path.join(ROOT, script)) as f:
-        tree = ast.parse(f.read())
-    settings = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            with contextlib.suppress(ValueError, TypeError, SyntaxError):
-                settings[node.targets[0].id] = ast.literal_eval(node.value)
-    with contextlib.redirect_stdout(io.StringIO()):  # it echoes every setting it applies
-        apply_overrides(settings, args)
-    return settings
 
 
 # -----------------------------------------------------------------------------
@@ -252,6 +235,14 @@ def caption_grounding(seed, frac, ratio):
 # -----------------------------------------------------------------------------
 # the local launcher: subprocesses on this machine
 
+def local_command(stage):
+    """The command the local launcher runs (and the dry run prints) for a stage."""
+    if nproc > 1 and stage.script != "evaluate.py":  # evaluate.py is a single process
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                stage.script, *stage.args]
+    return [sys.executable, stage.script, *stage.args]
+
+
 def run_stage(stage, threads):
     """Runs the stage's script with its output in out_dir/stdout.txt, unless it is reused."""
     if not stage.run:
@@ -259,15 +250,11 @@ def run_stage(stage, threads):
         return
     shutil.rmtree(stage.out_dir, ignore_errors=True)  # start clean: no checkpoints of another command
     os.makedirs(stage.out_dir)
-    if nproc > 1 and stage.script != "evaluate.py":  # evaluate.py is a single process
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    else:
-        command = [sys.executable]
     log_path = os.path.join(stage.out_dir, "stdout.txt")
     say(f"start    {stage.label}")
     t0 = time.time()
     with open(log_path, "w") as log:
-        code = subprocess.run(command + [stage.script, *stage.args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        code = subprocess.run(local_command(stage), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env=dict(os.environ, OMP_NUM_THREADS=str(threads))).returncode
     if code != 0:
         say(f"FAILED   {stage.label}: exit code {code} after {time.time() - t0:.0f}s, see {log_path}")
@@ -502,14 +489,19 @@ def submit_to_slurm(stages):
 def checkpoint_bytes():
     """A checkpoint of the pretraining model with its AdamW state, from the model's size."""
     from data.tokenizer import load_tokenizer
-    from model import VLM, ModelConfig
+    from model import VLM, model_config_from_settings
     s = script_settings("pretrain.py", [pretrain_config, *pretrain_args, *DATA])
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_config = ModelConfig(**{k: v for k, v in s.items() if k in fields},
-                               vocab_size=load_tokenizer(s["data_dir"]).vocab_size, block_size=s["seq_len"])
+    # The SigLIP tower's shape from its folder when it is local, else SigLIP-B/16's (nothing is
+    # downloaded for a plan).
+    siglip_dir = s["vision_weights"] if os.path.isdir(s["vision_weights"]) else None
+    tokenizer = load_tokenizer(s["data_dir"])
+    model_config = model_config_from_settings(s, tokenizer.vocab_size, tokenizer.image_id, siglip_dir)
     with torch.device("meta"):  # shapes only, no memory
-        params = sum(p.numel() for p in VLM(model_config).parameters())
-    return params * CKPT_BYTES_PER_PARAM
+        model = VLM(model_config)
+    model.vision.encoder.requires_grad_(not s["freeze_vision"])  # as pretrain.py: no AdamW state when frozen
+    weights = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return weights * WEIGHT_BYTES + trained * ADAMW_BYTES
 
 
 def finetune_steps_and_tokens(stage):
@@ -580,7 +572,7 @@ def print_local_plan(stages):
             continue
         needs = [s.label for s in stage.needs if s.run]
         print(f"  {stage.label}" + (f", after {', '.join(needs)}" if needs else "") + "\n    "
-              + shell([sys.executable, stage.script, *stage.args]))
+              + shell(local_command(stage)))
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ seq_len = 2048
 # SigLIP-B/16 at 224 from the Hub, its second-to-last block feeding the projector; the study's
 # ablation, a plain patch projection trained from scratch, is --vision_encoder=patches
 # --freeze_vision=False.
-vision_encoder = "google/siglip-base-patch16-224"
+vision_encoder = "siglip"
+vision_weights = "google/siglip-base-patch16-224"
 vision_revision = "7fd15f0689c79d79e38b1c2e2e2370a7bf2761ed"
 freeze_vision = True
 image_size = 224

@@ -17,9 +17,10 @@
 #   total per seed                                                              ~ 2,123 GPU-h
 # = about 265 hours (11 days) on one 8 x H200 node; each extra seed costs as much again. On SLURM
 # every cell runs at once: about 40 hours per seed on 8-GPU jobs, 21 with --nodes=2.
-# Disk: a checkpoint with its AdamW state is 21.2 GB (1.76B params x 12 bytes); the text run
-# keeps 7 and each cell 2 (image phase, fine-tuning): 656 GB per seed. branch_point_ckpt is off
-# here, as the test of the shared prefix it serves would add 21 GB per cell.
+# Disk: a checkpoint with its AdamW state is 20.1 GB (float32 weights, and AdamW's two moments
+# for all but the frozen SigLIP tower); the text run keeps 7 and each cell 2 (image phase,
+# fine-tuning): the dry run prints the total. branch_point_ckpt is off here, as the test of the
+# shared prefix it serves would add 20 GB per cell.
 # Fine-tuning with --finetune_args="('--seq_len=1024',)" would halve its share if the
 # conversations fit (196 image tokens + the chat). A cheaper first look: --ratios="(0.1,)" (about
 # half), or --fracs="(0.4, 0.8, 1.0)".

@@ -64,12 +64,16 @@ def _ce_chunk_kernel(logits_ptr, targets_ptr, losses_ptr, scale_ptr, ignore_inde
             tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+def launch_settings(V):
+    """Compile-time settings for a vocabulary of V (kernels/ahead_of_time.py compiles with these)."""
+    return {"V": V, "BLOCK_V": min(_BLOCK_V, triton.next_power_of_2(V)), "num_warps": 8}
+
+
 def _chunk_loss(logits, targets, scale, ignore_index, compute_grad):
     C, V = logits.shape
     losses = torch.empty(C, device=logits.device, dtype=torch.float32)
-    _ce_chunk_kernel[(C,)](logits, targets, losses, scale, ignore_index,
-                           V=V, COMPUTE_GRAD=compute_grad,
-                           BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
+    _ce_chunk_kernel[(C,)](logits, targets, losses, scale, ignore_index, COMPUTE_GRAD=compute_grad,
+                           **launch_settings(V))
     return losses, (logits if compute_grad else None)
 
 

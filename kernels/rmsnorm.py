@@ -82,9 +82,15 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
     tl.store(dw_partial_ptr + pid * D + cols, dw, mask=mask)
 
 
-def _num_warps(block):
-    # about eight elements per thread, between 1 and 16 warps
-    return min(max(block // 256, 1), 16)
+def launch_settings(D, backward=False):
+    """Compile-time settings for rows of D (kernels/ahead_of_time.py compiles the kernels with
+    these): the whole row in one block; the forward takes about eight elements per thread, the
+    backward four, since it keeps five values per element live across its row loop (at eight,
+    D = 2048 in float32 spilled to local memory on sm_90a: ptxas, Triton 3.6)."""
+    block = triton.next_power_of_2(D)
+    if backward:
+        return {"BLOCK_D": block, "num_warps": min(max(block // 128, 1), 16), "ROWS_PER_PROGRAM": _ROWS_PER_PROGRAM}
+    return {"BLOCK_D": block, "num_warps": min(max(block // 256, 1), 16)}
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -95,9 +101,9 @@ class _RMSNorm(torch.autograd.Function):
         M = x2.shape[0]
         y = torch.empty_like(x2)
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-        BLOCK_D = triton.next_power_of_2(D)
+        settings = launch_settings(D)
         _rms_norm_fwd_kernel[(M,)](x2, weight, y, rstd, D, eps,
-                                   BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_D))
+                                   BLOCK_D=settings["BLOCK_D"], num_warps=settings["num_warps"])
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
 
@@ -107,12 +113,10 @@ class _RMSNorm(torch.autograd.Function):
         M, D = x2.shape
         dy2 = dy.reshape(-1, D).contiguous()
         dx = torch.empty_like(x2)
-        programs = triton.cdiv(M, _ROWS_PER_PROGRAM)
+        settings = launch_settings(D, backward=True)
+        programs = triton.cdiv(M, settings["ROWS_PER_PROGRAM"])
         dw_partial = torch.empty(programs, D, device=x2.device, dtype=torch.float32)
-        BLOCK_D = triton.next_power_of_2(D)
-        _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, D,
-                                          ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM, BLOCK_D=BLOCK_D,
-                                          num_warps=_num_warps(BLOCK_D))
+        _rms_norm_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_partial, M, D, **settings)
         dw = dw_partial.sum(0).to(weight.dtype)
         return dx.view(dy.shape), dw, None
 

@@ -66,15 +66,18 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, T, H, HALF, stride_b, strid
     tl.store(out_row + HALF, (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def launch_settings(H, hd):
+    """Compile-time settings for H heads of hd (kernels/ahead_of_time.py compiles with these)."""
+    return {"BLOCK_H": triton.next_power_of_2(H), "BLOCK_HALF": triton.next_power_of_2(hd // 2), "num_warps": 4}
+
+
 def _rotate(x, cos, sin, inverse):
     B, T, H, hd = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(B, T, H, hd, device=x.device, dtype=x.dtype)
     _rotary_kernel[(B * T,)](x, cos, sin, out, T, H, hd // 2,
-                             x.stride(0), x.stride(1), x.stride(2), INVERSE=inverse,
-                             BLOCK_H=triton.next_power_of_2(H),
-                             BLOCK_HALF=triton.next_power_of_2(hd // 2), num_warps=4)
+                             x.stride(0), x.stride(1), x.stride(2), INVERSE=inverse, **launch_settings(H, hd))
     return out
 
 

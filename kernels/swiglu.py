@@ -14,6 +14,11 @@ import triton.language as tl
 _BLOCK = 1024
 
 
+def launch_settings():
+    """Compile-time settings of both kernels (kernels/ahead_of_time.py compiles them with these)."""
+    return {"BLOCK": _BLOCK, "num_warps": 4}
+
+
 def swiglu_reference(gate, up):
     return F.silu(gate) * up
 
@@ -61,7 +66,7 @@ class _SwiGLU(torch.autograd.Function):
         out = torch.empty(M, N, device=gate.device, dtype=gate.dtype)
         grid = (M, triton.cdiv(N, _BLOCK))
         _swiglu_fwd_kernel[grid](g2, u2, out, N, g2.stride(0), u2.stride(0),
-                                 BLOCK=_BLOCK, num_warps=4)
+                                 **launch_settings())
         ctx.save_for_backward(g2, u2)
         return out.view(gate.shape)
 
@@ -74,7 +79,7 @@ class _SwiGLU(torch.autograd.Function):
         dup = torch.empty(M, N, device=u2.device, dtype=u2.dtype)
         grid = (M, triton.cdiv(N, _BLOCK))
         _swiglu_bwd_kernel[grid](g2, u2, dout2, dgate, dup, N, g2.stride(0), u2.stride(0),
-                                 BLOCK=_BLOCK, num_warps=4)
+                                 **launch_settings())
         return dgate.view(dout.shape), dup.view(dout.shape)
 
 

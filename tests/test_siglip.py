@@ -210,7 +210,7 @@ def test_pretrain_loads_and_freezes_the_tower_and_its_checkpoint_carries_it(tmp_
     folder = tmp_path / "siglip"
     save_full_siglip(folder, dict(TINY_VISION, image_size=32, patch_size=16))  # the tiny data's 32x32 images
     tower = {k: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("vision_model.")}
-    args = [f"--vision_encoder={folder}", "--image_size=32", "--patch_size=16", "--freeze_vision=True",
+    args = ["--vision_encoder=siglip", f"--vision_weights={folder}", "--image_size=32", "--patch_size=16", "--freeze_vision=True",
             "--qk_norm=True", "--vision_start_frac=0.5", "--image_iters=3"]
     pretrain(data_dir, tmp_path / "run", *args, "--stop_at_iter=6")
     checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
@@ -228,5 +228,5 @@ def test_pretrain_loads_and_freezes_the_tower_and_its_checkpoint_carries_it(tmp_
             assert torch.equal(after[k], model[k]), k  # frozen through the image steps
         elif k.startswith("vision.projector."):
             assert not torch.equal(after[k], model[k]), k  # trained
-    bad = pretrain(data_dir, tmp_path / "bad", *args[:1], "--image_size=32", "--patch_size=8", check=False)
+    bad = pretrain(data_dir, tmp_path / "bad", *args[:2], "--image_size=32", "--patch_size=8", check=False)
     assert bad.returncode != 0 and "patch_size is 8, but the vision encoder" in bad.stderr
