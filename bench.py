@@ -14,7 +14,10 @@ In order:
    For each: tokens/s, MFU, peak memory, first-step (compile) time.
 3. In the same process, the baseline to beat: a plain textbook Llama of the same shape
    (nn.Linear head + F.cross_entropy over the full logits), compiled, on the same text batches.
-4. kernels/bench.py: each kernel against eager PyTorch and torch.compile of its reference, at
+4. Our steps again with the model sharded by FSDP2 (pretrain.py --parallel=fsdp) over a
+   one-rank group: tokens/s and peak memory beside step 2's (DDP's model on one GPU is the
+   plain module).
+5. kernels/bench.py: each kernel against eager PyTorch and torch.compile of its reference, at
    the 1B model's sizes (forward + backward, bf16: median time and extra peak memory).
 results.json (everything, raw), results.md (the tables, and issue #16's goals, each marked met
 or not) and kernel_tests.txt go to out_dir, rewritten after every step, so a run cut short
@@ -48,7 +51,7 @@ os.environ["TRITON_INTERPRET"] = "0" if DEVICE == "cuda" else "1"
 
 import triton  # noqa: E402
 
-from common import autocast_context, peak_flops, train_step  # noqa: E402
+from common import autocast_context, peak_flops, shard_model, train_step  # noqa: E402
 from configurator import apply_overrides, script_settings  # noqa: E402
 from data import shards  # noqa: E402
 from data.atomic import write_text  # noqa: E402
@@ -242,14 +245,21 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def bench_ours(loader, config, freeze_vision, seq_len, rows):
+def bench_ours(loader, config, freeze_vision, seq_len, rows, parallel="ddp"):
     """Our model as pretrain.py trains it. One compiled module: the text graph compiled by the
-    first variant is reused by the second; the mixed steps compile a second graph."""
+    first variant is reused by the second; the mixed steps compile a second graph. With
+    parallel="fsdp", the model is sharded by FSDP2 over a one-rank group, as pretrain.py
+    --parallel=fsdp does over many: the cost of its hooks, casts and (here trivial) collectives."""
     autocast = autocast_context(DEVICE, "bfloat16")
     torch.manual_seed(seed)
     with torch.device(DEVICE):
         raw_model = VLM(config)
     raw_model.vision.encoder.requires_grad_(not freeze_vision)  # as pretrain.py: a frozen tower has no optimizer state
+    if parallel == "fsdp":
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if DEVICE == "cuda" else "gloo", store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1)
+        shard_model(raw_model, parallel, autocast)
     optimizer = configure_optimizer(raw_model, 3e-4, 0.1, (0.9, 0.95), DEVICE)
     model = torch.compile(raw_model, dynamic=False) if use_compile() else raw_model
     vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
@@ -270,6 +280,11 @@ def bench_ours(loader, config, freeze_vision, seq_len, rows):
           f"{raw_model.num_params('vision'):,} vision params; {batch_size} x {seq_len} tokens per step", flush=True)
     tokens, fpt = batch_size * seq_len, raw_model.flops_per_token(seq_len)
     ours = "ours" if config.use_kernels else "ours, kernels off"
+    if parallel == "fsdp":
+        rows.append(time_steps("fsdp_text", f"{ours}, FSDP2, text", lambda: step(0.0, False), tokens, fpt))
+        rows.append(time_steps("fsdp_mixed", f"{ours}, FSDP2, mixed (image_ratio {image_ratio})",
+                               lambda: step(image_ratio, False), tokens, fpt))
+        return
     rows.append(time_steps("text", f"{ours}, text", lambda: step(0.0, False), tokens, fpt))
     rows.append(time_steps("text_sync", f"{ours}, text, host sync each step (= pretrain.py)",
                            lambda: step(0.0, True), tokens, fpt, first_step=False))
@@ -406,6 +421,8 @@ def main():
     phases = [("kernel tests", kernel_tests_phase),
               ("our training steps", lambda: bench_ours(loader, config, freeze_vision, seq_len, results["steps"])),
               ("baseline training steps", lambda: bench_baseline(loader, config, seq_len, results["steps"])),
+              ("our training steps under FSDP2",
+               lambda: bench_ours(loader, config, freeze_vision, seq_len, results["steps"], parallel="fsdp")),
               ("kernels", kernels_phase)]
     for i, (name, phase) in enumerate(phases):
         in_use = f", {torch.cuda.memory_allocated() / GiB:.1f} GiB allocated" if DEVICE == "cuda" else ""
@@ -423,6 +440,8 @@ def main():
         write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
         write_text(os.path.join(out_dir, "results.md"), markdown(results))
     folder.cleanup()
+    if torch.distributed.is_initialized():  # the FSDP phase's one-rank group
+        torch.distributed.destroy_process_group()
     print(f"\n{markdown(results)}\nall in {results['seconds']:.0f} s; written to {out_dir}/", flush=True)
     return results
 

@@ -1,6 +1,6 @@
 """
-What pretrain.py and finetune.py share: device and DDP setup, mixed precision, the optimizer
-step, learning-rate shapes, checkpoints, logging and the MFU peak table.
+What pretrain.py and finetune.py share: device, DDP and FSDP setup, mixed precision, the
+optimizer step, learning-rate shapes, checkpoints, logging and the MFU peak table.
 """
 
 import concurrent.futures
@@ -16,6 +16,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from data.atomic import atomic_write
@@ -96,9 +99,82 @@ def autocast_context(device_type, dtype):
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
-def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts):
-    """The module the training loop calls: torch.compile'd when `compile` is on and wrapped in
-    DDP under torchrun. Shapes are static, so Dynamo compiles one graph per batch layout it
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def shard_model(raw_model, parallel, autocast):
+    """How the ranks under torchrun share the model. "ddp": every rank keeps all of it (weights,
+    gradients and AdamW state: 16 bytes a parameter); compile_and_wrap wraps it later. "fsdp":
+    PyTorch's FSDP2 (fully_shard) over each decoder block and then the root (embedding, head,
+    final norm and the whole vision side), so each rank keeps 1/world_size of every parameter,
+    gradient and moment and gathers a block's weights just before using them. Weights are
+    gathered in the autocast dtype (bf16) and gradients reduced in float32. Must run before the
+    optimizer is built (it must see the sharded parameters) and after any pretrained weights
+    are loaded into the unsharded module. Frozen parameters (a frozen SigLIP tower) stay
+    sharded but have no gradients to reduce and no optimizer state."""
+    if parallel not in PARALLEL_MODES:
+        raise UserError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if parallel != "fsdp" or not dist.is_initialized():  # one process without torchrun: nothing to spread
+        return
+    compute_dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else None
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in raw_model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(raw_model, mp_policy=policy)
+
+
+def _optimizer_names(raw_model, optimizer):
+    """The parameter name of each of the optimizer's parameters, in its own order."""
+    name_of = {id(p): name for name, p in raw_model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def training_state(raw_model, optimizer):
+    """(model state, optimizer state) as full tensors keyed by parameter name, whichever way the
+    model is spread, so that a checkpoint resumes under DDP, FSDP or one process alike, and
+    evaluate.py, sample.py and export_hf.py read it as they always have. The optimizer's state
+    is optimizer.state_dict() with names for indices: a parameter that has not stepped yet
+    (the vision side during the text-only steps) has none. (torch.distributed.checkpoint's
+    get/set_optimizer_state_dict would instead give every parameter a state by running a
+    zero-gradient step first, which changes AdamW's step count, and so the run.) Under FSDP
+    every rank must call it (the shards are gathered) and rank 0 gets the state, on the CPU."""
+    sharded = isinstance(raw_model, FSDPModule)
+
+    def full(value):
+        return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+    model_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=sharded))
+    names, optimizer_state = _optimizer_names(raw_model, optimizer), optimizer.state_dict()
+    return model_state, {
+        "state": {names[i]: {k: full(v) for k, v in state.items()} for i, state in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                         for group in optimizer_state["param_groups"]]}
+
+
+def load_training_state(raw_model, optimizer, model_state, optimizer_state=None):
+    """Loads training_state's output (every rank holds the whole checkpoint) into the model,
+    sharded or not, and into the optimizer when given."""
+    set_model_state_dict(raw_model, model_state, options=StateDictOptions(full_state_dict=True))
+    if optimizer_state is None:
+        return
+    names = _optimizer_names(raw_model, optimizer)
+    index, params = {name: i for i, name in enumerate(names)}, dict(raw_model.named_parameters())
+
+    def like(value, param):  # AdamW's moments have the parameter's shape, and its sharding
+        if isinstance(param, DTensor) and value.shape == param.shape:
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        return value
+
+    optimizer.load_state_dict({
+        "state": {index[name]: {k: like(v, params[name]) for k, v in state.items()}
+                  for name, state in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                         for group in optimizer_state["param_groups"]]})
+
+
+def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts, parallel="ddp"):
+    """The module the training loop calls: torch.compile'd when `compile` is on and, under
+    torchrun with parallel = "ddp", wrapped in DDP (an FSDP model was sharded by shard_model). Shapes are static, so Dynamo compiles one graph per batch layout it
     meets (how many rows hold images): `layouts` says how many the caller can produce, and
     Dynamo's limit (8 by default, past which it silently runs the rest eagerly) is raised to
     fit. Each layout costs one compile, once per process: on the CPU about half a minute for
@@ -114,7 +190,7 @@ def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts
                             "--compile=False")
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, layouts)
         model = torch.compile(model, dynamic=False)
-    if world_size > 1:
+    if world_size > 1 and parallel == "ddp":
         model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
     return model
 
@@ -134,9 +210,13 @@ def train_step(model, optimizer, micro_batches, autocast, vision_params, step_ha
     token_losses = []
     n = len(micro_batches)
     for i, (x, y, images) in enumerate(micro_batches):
-        # Under DDP, all-reduce the gradients only once, after the last micro-batch.
+        # Reduce the gradients across ranks only once, after the last micro-batch.
         last = i == n - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext()
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(last)
+        elif not last and hasattr(model, "no_sync"):  # DDP
+            sync = model.no_sync()
         with sync:
             with autocast:
                 loss, losses = model(x, y, images)
@@ -150,6 +230,8 @@ def train_step(model, optimizer, micro_batches, autocast, vision_params, step_ha
             p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.grad is not None], grad_clip if grad_clip > 0 else float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     return token_losses, grad_norm
 
 

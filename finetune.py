@@ -19,6 +19,7 @@ from dataclasses import asdict
 import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
+                    load_training_state, shard_model, training_state,
                     cosine_schedule, load_checkpoint, mean_loss, restore_rng_state, rng_state, save_checkpoint,
                     setup_training, stop_if_not_finite, train_step)
 from configurator import apply_overrides
@@ -71,12 +72,13 @@ device = "auto"
 dtype = "bfloat16"
 compile = False  # torch.compile the model (see pretrain.py)
 use_kernels = True  # CUDA only
+parallel = "ddp"  # under torchrun: "ddp" or "fsdp" (see pretrain.py)
 # -----------------------------------------------------------------------------
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
 # Settings that cannot change a run's past: a resume must match its checkpoint on all others.
 RUN_ONLY_SETTINGS = ["out_dir", "init_from", "ckpt_interval", "stop_at_iter", "log_interval", "eval_interval",
-                     "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels"]
+                     "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels", "parallel"]
 
 
 def check_settings():
@@ -110,11 +112,12 @@ if seq_len > model_config.block_size:
     raise UserError(f"seq_len {seq_len} exceeds the pretrained model's context length {model_config.block_size}")
 
 raw_model = VLM(model_config).to(device)
-raw_model.load_state_dict(checkpoint["model"])
 for name, p in raw_model.named_parameters():
     is_vision = name.startswith("vision.")
     p.requires_grad = not ((freeze_vision and name.startswith("vision.encoder.")) or (freeze_decoder and not is_vision))
+shard_model(raw_model, parallel, autocast)  # FSDP: before the optimizer
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
+load_training_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"] if resume else None)
 vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
 
 
@@ -149,7 +152,6 @@ max_iters = epochs * math.ceil(train_loader.num_samples / (chat_rows * grad_accu
 warmup_iters = round(warmup_frac * max_iters)
 iter_num = 0
 if resume:
-    optimizer.load_state_dict(checkpoint["optimizer"])
     train_loader.load_state_dict(checkpoint["loader"]["chat"])
     if text_loader is not None:
         text_loader.load_state_dict(checkpoint["loader"]["text"])
@@ -158,7 +160,7 @@ if resume:
 pretrained_from = checkpoint.get("pretrained_from", init_from)
 del checkpoint
 
-model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts=1)  # every batch alike
+model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, 1, parallel)  # every batch alike
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -170,10 +172,11 @@ if master:
 
 def save(path):
     """Called on every rank, as in pretrain.py; rank 0 writes."""
+    model_state, optimizer_state = training_state(raw_model, optimizer)  # FSDP gathers on every rank
     if master:
         loaders = {"chat": train_loader.state_dict(), "text": text_loader.state_dict() if text_loader else None}
         save_checkpoint(path, {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loaders,
+            "model": model_state, "optimizer": optimizer_state, "loader": loaders,
             "rng": rng_state(), "iter_num": iter_num, "config": config, "model_config": asdict(model_config),
             "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from})
 

@@ -26,8 +26,9 @@ from dataclasses import asdict
 import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
-                    cosine_schedule, load_checkpoint, mean_loss, peak_flops, restore_rng_state, rng_state,
-                    save_checkpoint, setup_training, stop_if_not_finite, train_step)
+                    cosine_schedule, load_checkpoint, load_training_state, mean_loss, peak_flops, restore_rng_state,
+                    rng_state, save_checkpoint, setup_training, shard_model, stop_if_not_finite, train_step,
+                    training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
@@ -106,6 +107,7 @@ device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype ("float32" turns it off)
 compile = False  # torch.compile the model: what the GPU configs do; on the CPU it pays off past the toy runs
 use_kernels = True  # Triton kernels (CUDA only; the PyTorch references run elsewhere)
+parallel = "ddp"  # under torchrun: "ddp" (a full copy per GPU) or "fsdp" (FSDP2, sharded; README "Past one GPU")
 # -----------------------------------------------------------------------------
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
@@ -114,7 +116,7 @@ config = apply_overrides(globals(), sys.argv[1:])
 # remembering to list it.
 RUN_ONLY_SETTINGS = ["out_dir", "init_from", "save_fracs", "ckpt_interval", "stop_at_iter", "log_interval",
                      "eval_interval", "eval_batches", "val_text", "val_captions", "device", "dtype", "compile",
-                     "use_kernels"]
+                     "use_kernels", "parallel"]
 # A branch (init_from=PATH, a text-only checkpoint) may also choose its own image phase.
 IMAGE_PHASE_SETTINGS = ["train_captions", "caption_len", "vision_start_frac", "image_iters", "image_ratio",
                         "image_ratio_ramp_iters", "rewarm_lr", "rewarm_iters"]
@@ -204,6 +206,7 @@ raw_model = VLM(model_config).to(device)
 if vision_encoder == "siglip" and init_from == "scratch":
     load_siglip(raw_model.vision.encoder, siglip_dir)
 raw_model.vision.encoder.requires_grad_(not freeze_vision)  # before the optimizer: no state for frozen ones
+shard_model(raw_model, parallel, autocast)  # FSDP: before the optimizer, after the pretrained weights
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
 vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]
 iter_num = 0
@@ -223,8 +226,7 @@ if init_from != "scratch":
         if checkpoint["iter_num"] > start_iter:
             raise UserError(f"{ckpt_path} is at step {checkpoint['iter_num']}, past this run's image start "
                             f"{start_iter}: a branch must start from a text-only checkpoint at or before it")
-    raw_model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_training_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
     train_loader.load_state_dict(checkpoint["loader"])
     restore_rng_state(checkpoint["rng"])
     iter_num = checkpoint["iter_num"]
@@ -235,7 +237,7 @@ if init_from != "scratch":
 # does: at a fixed ratio it takes three values (0 and the two neighbours of ratio x batch_size);
 # a ramp passes through every count from 0 to ceil(ratio x batch_size), one compiled graph each.
 layouts = math.ceil(image_ratio * batch_size) + 1 if image_ratio_ramp_iters > 0 else 3
-model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts)
+model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts, parallel)
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -246,16 +248,18 @@ if master:
                   "only text-only checkpoints are kept, so it is skipped")
     print(f"model: {raw_model.num_params('decoder'):,} decoder + {raw_model.num_params('vision'):,} vision params; "
           f"text steps 0..{start_iter - 1}, image steps {start_iter}..{total_iters - 1}; "
-          f"{grad_accum * batch_size * seq_len:,} tokens per step on {world_size} rank(s), {device}")
+          f"{grad_accum * batch_size * seq_len:,} tokens per step on {world_size} rank(s), {device}"
+          + (f", {parallel}" if world_size > 1 else ""))
 
 
 def save(path):
     """Called on every rank: the logging window's sums are gathered so a resumed run's first
     log record averages over the same steps as the uninterrupted run's."""
     window = all_reduce_sum(stats.clone(), world_size).tolist()
+    model_state, optimizer_state = training_state(raw_model, optimizer)  # FSDP gathers on every rank
     if master:
         save_checkpoint(path, {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "loader": train_loader.state_dict(), "rng": rng_state(), "iter_num": iter_num,
             "log_window": {"stats": window, "image_rows": image_rows, "step_rows": step_rows},
             "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab})

@@ -22,7 +22,7 @@ def test_tiny_run_writes_every_table(tmp_path, monkeypatch):
         assert {(op, "triton"), (op, "eager")} <= impls
     assert all(k["ms"] > 0 for k in results["kernels"])
     steps = {s["key"]: s for s in results["steps"]}
-    assert set(steps) == {"text", "text_sync", "mixed", "baseline"}
+    assert set(steps) == {"text", "text_sync", "mixed", "baseline", "fsdp_text", "fsdp_mixed"}
     vocab = bench.bench_model_config(True)[0].vocab_size
     for s in steps.values():
         assert s["tokens_per_s"] > 0
@@ -75,14 +75,14 @@ def test_a_failing_step_is_reported_and_the_next_ones_run(tmp_path, monkeypatch)
     monkeypatch.setattr(bench, "run_kernel_tests", lambda selection: (
         dict(command="pytest", summary="9 passed", passed=True), "9 passed"))
 
-    def out_of_memory(*args):
+    def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
 
     monkeypatch.setattr(bench, "bench_ours", out_of_memory)
     monkeypatch.setattr(bench, "bench_kernels", lambda shapes, device, rows, **kw: rows.append(
         dict(op="rmsnorm", impl="triton", ms=1.0, extra_gib=None)))
     results = bench.main()
-    assert list(results["errors"]) == ["our training steps"]
+    assert list(results["errors"]) == ["our training steps", "our training steps under FSDP2"]
     assert "out of memory" in results["errors"]["our training steps"]
     assert [s["key"] for s in results["steps"]] == ["baseline"] and len(results["kernels"]) == 1
     assert json.loads((tmp_path / "results.json").read_text())["errors"] == results["errors"]

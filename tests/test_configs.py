@@ -97,6 +97,23 @@ def test_parameter_counts_equal_the_readme_table(config, vocab_size):
         assert f"vocab {vocab_size}" in row[5]
 
 
+def test_memory_per_gpu_equals_the_readme_table():
+    """Weights, gradients and AdamW per GPU: 16 bytes a trained parameter, 4 a frozen one; FSDP
+    divides them by the number of GPUs."""
+    readme = open(README).read()
+    for configs in (["config/1b.py"], ["config/1b.py", "config/3b.py"]):
+        settings = script_settings("pretrain.py", configs)
+        tokenizer = Tokenizer()
+        with torch.device("meta"):
+            model = VLM(model_config_from_settings(settings, tokenizer.vocab_size, tokenizer.image_id))
+        model.vision.encoder.requires_grad_(not settings["freeze_vision"])
+        weights = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ddp = (4 * weights + 12 * trained) / 1e9
+        row = f"| `{' '.join(configs)}` | {weights / 1e9:.2f}B ({trained / 1e9:.2f}B) | {ddp:.1f} GB | {ddp / 8:.1f} GB |"
+        assert row in readme, row
+
+
 # -----------------------------------------------------------------------------
 # reduced size: the configs on the CPU, over data in the real formats
 
