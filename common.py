@@ -5,11 +5,15 @@ step, learning-rate shapes, checkpoints, logging and the MFU peak table.
 
 import concurrent.futures
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shlex
+import socket
 import shutil
 import signal
 import sys
@@ -190,6 +194,94 @@ def restore_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def claim_out_dir(out_dir, new_run, overwrite, rank, world_size, device):
+    """Makes out_dir this run's own before any work: rank 0 takes its lock (out_dir/.lock, an
+    flock that the kernel releases when the process ends, kill -9 included, so a crash never
+    leaves it stuck) and refuses a second writer. A new run (anything but init_from=resume)
+    refuses a folder that already holds a run unless `overwrite`, which then deletes that run's
+    log and checkpoints. Temporary files of writers that died mid-write (ckpt.pt.tmp<pid>) are
+    removed. Under DDP the other ranks wait for rank 0's answer and stop with it. Returns the
+    lock's open file, which the caller keeps for the life of the process."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = lock_folder(out_dir, "out_dir")
+            held = _run_in(out_dir) if new_run else None
+            if held and not overwrite:
+                raise UserError(f"out_dir {out_dir} already holds a run ({held}): continue it with "
+                                "--init_from=resume, or choose another --out_dir (--overwrite=True replaces it)")
+            if held:
+                for path in [os.path.join(out_dir, "log.jsonl"), *glob.glob(os.path.join(out_dir, "ckpt*.pt"))]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            remove_dead_writers_files(out_dir)
+        except UserError as e:
+            refusal = e
+    if world_size > 1:
+        refused = torch.tensor([float(refusal is not None)], device=device)
+        if all_reduce_sum(refused, world_size).item() > 0 and refusal is None:
+            raise SystemExit(1)  # rank 0 says why
+    if refusal is not None:
+        raise refusal
+    return lock
+
+
+def lock_folder(folder, setting):
+    """Takes `folder`'s lock for the life of the process (see claim_out_dir; sweep.py locks
+    sweep_dir with it), naming `setting` when it cannot. Returns the lock's open file."""
+    if not folder:
+        raise UserError(f"{setting} must not be empty")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to {setting} {folder}: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{setting} {folder} is in use by {holder}: one run writes a folder at a time; "
+                        "wait for it to end or choose another folder") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def _run_in(out_dir):
+    """What in out_dir makes it hold a run (a checkpoint or logged records), or None."""
+    ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "ckpt*.pt")))
+    log = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(log) and os.path.getsize(log) > 0:
+        with open(log, "rb") as f:
+            ckpts.append(f"log.jsonl with {sum(1 for _ in f)} records")
+    return ", ".join(ckpts) or None
+
+
+def remove_dead_writers_files(folder):
+    """Deletes the temporary files (see data/atomic.py: <name>.tmp<pid>) that a writer killed
+    mid-write left in `folder`; a checkpoint's can be gigabytes. A file whose process still
+    lives on this machine is kept (another program, such as evaluate.py, may be writing it)."""
+    for name in os.listdir(folder):
+        match = re.search(r"\.tmp(\d+)$", name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_positive(config, names):

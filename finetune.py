@@ -18,9 +18,9 @@ from dataclasses import asdict
 
 import torch
 
-from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
-                    cosine_schedule, load_checkpoint, mean_loss, restore_rng_state, rng_state, save_checkpoint,
-                    setup_training, stop_if_not_finite, train_step)
+from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, claim_out_dir,
+                    compile_and_wrap, cosine_schedule, load_checkpoint, mean_loss, restore_rng_state, rng_state,
+                    save_checkpoint, setup_training, stop_if_not_finite, train_step)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import ConversationLoader, PretrainLoader
@@ -33,6 +33,7 @@ from model import VLM, ModelConfig, configure_optimizer
 # names that run; config/1b_sft.py overrides these for real data)
 out_dir = "out/finetune"
 init_from = "out/pretrain/ckpt.pt"  # a pretraining checkpoint, or "resume" (out_dir/ckpt.pt)
+overwrite = False  # True: a new run may replace the run already in out_dir (otherwise refused)
 data_dir = "data/toyworld"
 train_chat = "train_chat*.bin"  # conversation shard patterns inside data_dir
 val_chat = "val_chat*.bin"
@@ -75,8 +76,8 @@ use_kernels = True  # CUDA only
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
 # Settings that cannot change a run's past: a resume must match its checkpoint on all others.
-RUN_ONLY_SETTINGS = ["out_dir", "init_from", "ckpt_interval", "stop_at_iter", "log_interval", "eval_interval",
-                     "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels"]
+RUN_ONLY_SETTINGS = ["out_dir", "init_from", "overwrite", "ckpt_interval", "stop_at_iter", "log_interval",
+                     "eval_interval", "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels"]
 
 
 def check_settings():
@@ -96,8 +97,9 @@ chat_rows = batch_size - text_rows
 rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
 master = rank == 0
 device_type = torch.device(device).type
-
 resume = init_from == "resume"
+out_dir_lock = claim_out_dir(out_dir, not resume, overwrite, rank, world_size, device)  # as in pretrain.py
+
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else init_from)
 if resume:
     check_same_settings(checkpoint["config"], config, RUN_ONLY_SETTINGS, os.path.join(out_dir, "ckpt.pt"))

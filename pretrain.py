@@ -25,9 +25,9 @@ from dataclasses import asdict
 
 import torch
 
-from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
-                    cosine_schedule, load_checkpoint, mean_loss, peak_flops, restore_rng_state, rng_state,
-                    save_checkpoint, setup_training, stop_if_not_finite, train_step)
+from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, claim_out_dir,
+                    compile_and_wrap, cosine_schedule, load_checkpoint, mean_loss, peak_flops, restore_rng_state,
+                    rng_state, save_checkpoint, setup_training, stop_if_not_finite, train_step)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
@@ -46,6 +46,7 @@ train_captions = "train_caption*.bin"
 val_text = "val_text*.bin"
 val_captions = "val_caption*.bin"
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path to branch from
+overwrite = False  # True: a new run may replace the run already in out_dir (otherwise refused)
 save_fracs = ()  # text-schedule fractions at which to keep a checkpoint, e.g. (0.2, 0.4, 1.0)
 ckpt_interval = 100  # steps between resumable checkpoints (out_dir/ckpt.pt)
 stop_at_iter = -1  # end this invocation after this step (checkpointed), e.g. for time-limited jobs
@@ -111,9 +112,9 @@ config = apply_overrides(globals(), sys.argv[1:])
 # Settings that cannot change a run's past. A resume (init_from=resume) must match its
 # checkpoint on every other setting, so a setting added later is checked without anyone
 # remembering to list it.
-RUN_ONLY_SETTINGS = ["out_dir", "init_from", "save_fracs", "ckpt_interval", "stop_at_iter", "log_interval",
-                     "eval_interval", "eval_batches", "val_text", "val_captions", "device", "dtype", "compile",
-                     "use_kernels"]
+RUN_ONLY_SETTINGS = ["out_dir", "init_from", "overwrite", "save_fracs", "ckpt_interval", "stop_at_iter",
+                     "log_interval", "eval_interval", "eval_batches", "val_text", "val_captions", "device", "dtype",
+                     "compile", "use_kernels"]
 # A branch (init_from=PATH, a text-only checkpoint) may also choose its own image phase.
 IMAGE_PHASE_SETTINGS = ["train_captions", "caption_len", "vision_start_frac", "image_iters", "image_ratio",
                         "image_ratio_ramp_iters", "rewarm_lr", "rewarm_iters"]
@@ -142,6 +143,8 @@ check_settings()
 rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
 master = rank == 0
 device_type = torch.device(device).type
+# one writer per out_dir, and a new run never replaces another (README: "Faults and resumes")
+out_dir_lock = claim_out_dir(out_dir, init_from != "resume", overwrite, rank, world_size, device)
 
 start_iter = round(vision_start_frac * max_iters)  # the first step that sees images
 total_iters = start_iter + image_iters

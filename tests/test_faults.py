@@ -119,7 +119,7 @@ def test_full_disk_during_a_checkpoint_write_leaves_no_temporary_file(data_dir, 
                              f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=small_disk)
     assert_one_error_line(result, f"cannot write {tmp_path / 'ckpt.pt'}: File too large")
-    assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl"]
 
 
 class InterruptsPickling:
@@ -244,8 +244,10 @@ def test_signal_at_a_random_moment_then_resume_equals_uninterrupted(data_dir, lo
     else:  # stopped after a step, with a checkpoint and the way to go on
         assert code == 128 + signum and "--init_from=resume" in stderr and "Traceback" not in stderr, where
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f] or signum == signal.SIGKILL, where
-    resume = "--init_from=resume" if os.path.exists(tmp_path / "ckpt.pt") else "--init_from=scratch"
+    # killed before its first checkpoint, the run starts over, replacing the records it logged
+    resume = "--init_from=resume" if os.path.exists(tmp_path / "ckpt.pt") else "--overwrite=True"
     pretrain(data_dir, tmp_path, *LONG, resume)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f], where  # a killed writer's are gone
     assert read_log(tmp_path) == read_log(long_run), where
     assert_same_weights(weights(tmp_path / "ckpt.pt"), weights(long_run / "ckpt.pt"))
 
@@ -283,3 +285,60 @@ def test_finetune_under_ddp_logs_the_loss_over_every_rank(data_dir, finished_run
     finetune(data_dir, tmp_path / "two", *args, nproc=2)
     one, two = ([r["loss"] for r in read_log(tmp_path / run) if "loss" in r] for run in ("one", "two"))
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-4)
+
+
+# ------------------------- 10. a new run never replaces another; one writer per folder
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(data_dir, finished_run, tmp_path):
+    """The usual mistake after a preemption: the same command again, without init_from=resume."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {name: (run / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    assert_one_error_line(pretrain(data_dir, run, *PHASES, check=False),
+                          f"out_dir {run} already holds a run (ckpt.pt, log.jsonl with")
+    sft = tmp_path / "sft"
+    finetune(data_dir, sft, f"--init_from={run / 'ckpt.pt'}", "--stop_at_iter=2")
+    sft_before = (sft / "ckpt.pt").read_bytes()
+    result = finetune(data_dir, sft, f"--init_from={run / 'ckpt.pt'}", check=False)
+    assert_one_error_line(result, "--init_from=resume, or choose another --out_dir")
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert (sft / "ckpt.pt").read_bytes() == sft_before
+    # told to, a new run replaces the old one, and none of its checkpoints stays behind
+    (run / "ckpt_frac0.30.pt").write_bytes(before["ckpt.pt"])
+    pretrain(data_dir, run, *PHASES, "--stop_at_iter=2", "--overwrite=True")
+    assert sorted(p.name for p in run.glob("ckpt*")) == ["ckpt.pt"]
+    assert [r["iter"] for r in read_log(run)] == [0, 0, 1]
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(data_dir, tmp_path):
+    """A run (here a stand-in) holds out_dir/.lock while it lives."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, time; "
+                               f"lock = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(lock, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for result in (pretrain(data_dir, tmp_path, *PHASES, check=False),  # a second run
+                       pretrain(data_dir, tmp_path, *PHASES, "--init_from=resume", check=False),  # a requeue
+                       finetune(data_dir, tmp_path, "--init_from=resume", check=False)):
+            assert_one_error_line(result, f"out_dir {tmp_path} is in use by another process")
+        sweep = subprocess.run([sys.executable, "sweep.py", f"--sweep_dir={tmp_path}"], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert_one_error_line(sweep, f"sweep_dir {tmp_path} is in use by another process")
+        assert sorted(os.listdir(tmp_path)) == [".lock"]
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock
+        holder.wait()
+    pretrain(data_dir, tmp_path, *PHASES, "--stop_at_iter=2")
+    with open(tmp_path / ".lock") as f:  # who holds it, for the message a second writer gets
+        assert f.read().startswith("process ")
+
+
+def test_resume_removes_the_temporary_files_of_killed_writers(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, *PHASES, "--stop_at_iter=6")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    for name in (f"ckpt.pt.tmp{dead}", f"log.jsonl.tmp{dead}", f"ckpt.pt.eval.json.tmp{os.getpid()}"):
+        (tmp_path / name).write_bytes(b"half a checkpoint")  # what kill -9 mid-write leaves
+    pretrain(data_dir, tmp_path, *PHASES, "--init_from=resume")
+    # the live process's file (another program writing here) stays
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == [f"ckpt.pt.eval.json.tmp{os.getpid()}"]
