@@ -55,6 +55,11 @@ def peak_flops(device):
 def setup_distributed(device_setting):
     """Returns (rank, local_rank, world_size, device). Under torchrun the process group is
     NCCL on CUDA and gloo on the CPU; otherwise a single process."""
+    if device_setting not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device_setting):
+        raise UserError(f"device must be 'auto', 'cuda' or 'cpu', got {device_setting!r}")
+    if device_setting.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device is {device_setting!r}, but torch {torch.__version__} sees no CUDA GPU: "
+                        "use --device=cpu (or auto)")
     if "RANK" in os.environ:
         use_cuda = torch.cuda.is_available() and device_setting != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -302,6 +307,25 @@ def check_same_settings(saved, config, may_differ, what):
                         + "; ".join(differ))
 
 
+def check_same_data(saved, current, what, may_differ=()):
+    """Refuses to continue a checkpoint on other training data than it was trained on: `saved`
+    and `current` map a shard pattern setting to data.shards.fingerprint of its files. Only the
+    files' names and contents count, not the folder's path."""
+    if saved is None:  # a checkpoint from before data was recorded
+        return
+    for name in sorted(set(saved) | set(current)):
+        if name in may_differ or saved.get(name) == current.get(name):
+            continue
+        before = {f[0]: f for f in saved.get(name) or []}
+        now = {f[0]: f for f in current.get(name) or []}
+        changes = ([f"{n} is new" for n in sorted(set(now) - set(before))]
+                   + [f"{n} is gone" for n in sorted(set(before) - set(now))]
+                   + [f"{n} has other contents" for n in sorted(set(now) & set(before)) if now[n] != before[n]])
+        raise UserError(f"{what}: the {name} shards are not those it was trained on ({'; '.join(changes[:3])}"
+                        f"{f'; {len(changes) - 3} more' if len(changes) > 3 else ''}): was the data regenerated? "
+                        "Continue on the data it was trained on, or start a new run")
+
+
 def _leaves(value, name=""):
     """(name, value) for every tensor and plain value inside nested dicts, lists and tuples."""
     if isinstance(value, dict):
@@ -408,6 +432,9 @@ class JsonlLog:
                         raise UserError(f"{path}: line {n} is not a JSON record") from None
                     print(f"warning: {path}: dropped its last line, a cut-off record: {line.strip()[:80]!r}")
                     break
+                if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+                    raise UserError(f"{path}: line {n} has no \"iter\" (the step it describes), so a resume cannot "
+                                    "tell which records to keep: remove or fix that line")
                 if record["iter"] < resume_iter:
                     kept.append(line if line.endswith("\n") else line + "\n")
             with atomic_write(path) as f:

@@ -18,13 +18,13 @@ from dataclasses import asdict
 
 import torch
 
-from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, claim_out_dir,
-                    compile_and_wrap, cosine_schedule, load_checkpoint, mean_loss, restore_rng_state, rng_state,
+from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
+                    claim_out_dir, compile_and_wrap, cosine_schedule, load_checkpoint, mean_loss, restore_rng_state, rng_state,
                     save_checkpoint, setup_training, stop_if_not_finite, train_step)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import ConversationLoader, PretrainLoader
-from data.shards import find_shards
+from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
 from model import VLM, ModelConfig, configure_optimizer
 
@@ -76,7 +76,7 @@ use_kernels = True  # CUDA only
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
 # Settings that cannot change a run's past: a resume must match its checkpoint on all others.
-RUN_ONLY_SETTINGS = ["out_dir", "init_from", "overwrite", "ckpt_interval", "stop_at_iter", "log_interval",
+RUN_ONLY_SETTINGS = ["out_dir", "data_dir", "init_from", "overwrite", "ckpt_interval", "stop_at_iter", "log_interval",
                      "eval_interval", "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels"]
 
 
@@ -85,6 +85,12 @@ def check_settings():
                             "eval_batches"])
     if seq_len < 0:
         raise UserError(f"seq_len must be positive, or 0 for the pretrained model's context length; got {seq_len}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if config[name] < 0:
+            raise UserError(f"{name} must not be negative, got {config[name]}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and 0.0 <= warmup_frac <= 1.0):
+        raise UserError(f"beta1 and beta2 must lie in [0, 1) and warmup_frac in [0, 1], got {beta1}, {beta2} and "
+                        f"{warmup_frac}")
     if freeze_vision and freeze_decoder:
         raise UserError("freeze_vision and freeze_decoder together leave nothing to train")
     if not 0 <= text_rows < batch_size:
@@ -136,6 +142,10 @@ if train_loader.image_size != (model_config.image_size,) * 2:
 text_loader = None if text_rows == 0 else PretrainLoader(
     text_files=find_shards(data_dir, train_text), tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len,
     rank=rank, world_size=world_size, device=device)
+train_data = {name: fingerprint(find_shards(data_dir, config[name])) for name in ("train_chat", "train_text")
+              if name != "train_text" or text_loader is not None}  # what a resume compares, as in pretrain.py
+if resume:
+    check_same_data(checkpoint.get("data"), train_data, os.path.join(out_dir, "ckpt.pt"))
 
 
 def next_batch():
@@ -177,7 +187,7 @@ def save(path):
         save_checkpoint(path, {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loaders,
             "rng": rng_state(), "iter_num": iter_num, "config": config, "model_config": asdict(model_config),
-            "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from})
+            "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from, "data": train_data})
 
 
 def validation_loss():

@@ -40,6 +40,17 @@ def atomic_write(path, mode="w", **open_kwargs):
         raise
 
 
+def make_folder(path, setting):
+    """os.makedirs(path, exist_ok=True), with a failure (read-only, a file in the way) as a
+    UserError naming the setting that chose the folder."""
+    if not path:
+        raise UserError(f"{setting} must not be empty")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {setting} {path}: {e.strerror}") from None
+
+
 def write_text(path, text):
     """The whole of `text` into the file at `path`, atomically."""
     with atomic_write(path) as f:

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from multiprocessing import Pool
 
+from data.errors import MissingFileError, UserError
 from data.shards import ShardError, read_shard
 
 
@@ -39,7 +40,7 @@ def list_files(args, patterns, required=True):
     """The dataset's files (paths relative to the repository root) matching any pattern, sorted."""
     if args.local_dir:
         if not os.path.isdir(args.local_dir):
-            raise FileNotFoundError(f"--local_dir {args.local_dir}: no such folder")
+            raise MissingFileError(f"--local_dir {args.local_dir}: no such folder")
         paths = [os.path.relpath(p, args.local_dir)
                  for p in glob.glob(os.path.join(args.local_dir, "**", "*"), recursive=True) if os.path.isfile(p)]
         where = args.local_dir
@@ -49,7 +50,7 @@ def list_files(args, patterns, required=True):
         where = f"{args.repo_id}@{args.revision}"
     chosen = sorted(p for p in paths if any(fnmatch.fnmatch(p, pattern) for pattern in patterns))
     if required and not chosen:
-        raise FileNotFoundError(f"{where}: no files match {', '.join(patterns)}")
+        raise MissingFileError(f"{where}: no files match {', '.join(patterns)}")
     return chosen
 
 
@@ -61,6 +62,21 @@ def fetch(args, path):
     from huggingface_hub import hf_hub_download
     return hf_hub_download(args.repo_id, path, repo_type="dataset", revision=args.revision,
                            local_dir=args.download_dir or os.path.join(args.out_dir, "downloads"))
+
+
+def open_parquet(path, columns):
+    """A pyarrow ParquetFile, checked to hold `columns`. A file that is not parquet, or lacks one
+    of them, raises a UserError naming it (raised in a worker, the parent reports it)."""
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid, an OSError: not a parquet file
+        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    missing = [c for c in columns if c not in parquet.schema_arrow.names]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(map(repr, missing))} "
+                        f"(its columns: {', '.join(parquet.schema_arrow.names) or 'none'})")
+    return parquet
 
 
 def done_with(args, local):
@@ -80,7 +96,7 @@ def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens"):
     finished shard (in `unit`); once the shards, in job order, hold `budget` (0: no limit), the
     remaining jobs are cancelled and any shard they wrote is removed. Returns (total, skipped)."""
     if not jobs:
-        raise ValueError("nothing to prepare: no input files")
+        raise UserError("nothing to prepare: no input files")
     finished = {}
     for i, (out_path, _) in enumerate(jobs):
         if os.path.exists(out_path):

@@ -342,3 +342,33 @@ def test_resume_removes_the_temporary_files_of_killed_writers(data_dir, tmp_path
     pretrain(data_dir, tmp_path, *PHASES, "--init_from=resume")
     # the live process's file (another program writing here) stays
     assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == [f"ckpt.pt.eval.json.tmp{os.getpid()}"]
+
+
+# --------------------------------------------- 11. a resume knows its data by content, not by path
+
+def test_resume_refuses_regenerated_data_and_accepts_the_same_data_by_another_path(data_dir, finished_run, tmp_path):
+    pretrain(data_dir, tmp_path / "run", *PHASES, "--stop_at_iter=6")
+    other = tmp_path / "regenerated"
+    shutil.copytree(data_dir, other)
+    make_tiny_dataset(other, seed=1)  # the same file names, other documents
+    result = pretrain(other, tmp_path / "run", *PHASES, "--init_from=resume", check=False)
+    assert_one_error_line(result, "shards are not those it was trained on (train_caption.bin has other contents)")
+    # the same folder by another path: a symlink, relative to somewhere else
+    (tmp_path / "link").symlink_to(data_dir)
+    pretrain(data_dir, tmp_path / "run", *PHASES, "--init_from=resume", f"--data_dir={tmp_path / 'link'}/./")
+    assert read_log(tmp_path / "run") == read_log(finished_run)
+    # fine-tuning too
+    sft = tmp_path / "sft"
+    finetune(data_dir, sft, f"--init_from={finished_run / 'ckpt.pt'}", "--stop_at_iter=2")
+    shards.write_conversation_shard(os.path.join(other, "train_chat.bin"), *load_chat(data_dir, drop_last=True))
+    result = finetune(other, sft, "--init_from=resume", check=False)
+    assert_one_error_line(result, "the train_chat shards are not those it was trained on (train_chat.bin has other")
+
+
+def load_chat(data_dir, drop_last):
+    """The conversations of data_dir's train_chat.bin (less the last), for write_conversation_shard."""
+    shard = shards.read_shard(os.path.join(data_dir, "train_chat.bin"))
+    n = shard.num_samples - drop_last
+    spans = [slice(shard.offsets[i], shard.offsets[i + 1]) for i in range(n)]
+    return (shard.images[:n], [shard.tokens[s] for s in spans], [shard.loss_mask[s] for s in spans],
+            shard.vocab_size)
