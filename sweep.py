@@ -738,11 +738,14 @@ def plot_lr_schedule():
 
 def check_settings():
     """The grid and the launcher's settings, before any plan: every start fraction, ratio and
-    seed names one folder (frac0.50, ...) and one cell, so two that round alike would share it."""
+    seed names one folder (frac0.50, ...) and one cell, so two that round alike would share it. A
+    fraction outside [0, 1] would fail the text run and so every cell; a ratio that pretrain.py
+    refuses fails only its own cells, with pretrain.py's message."""
     for name, values in (("fracs", fracs), ("ratios", ratios)):
-        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0
-                             for v in values):
-            raise UserError(f"{name} must be a non-empty tuple of numbers in [0, 1], got {values!r}")
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise UserError(f"{name} must be a non-empty tuple of numbers, got {values!r}")
+        if name == "fracs" and not all(0.0 <= v <= 1.0 for v in values):
+            raise UserError(f"fracs must lie in [0, 1], got {values!r}")
         folders = [f"{v:.2f}" for v in values]
         if len(set(folders)) < len(folders):
             raise UserError(f"{name} {values!r}: values that round to the same two decimals would share a folder "

@@ -135,8 +135,10 @@ def cases(w):
         (*sweep("--seeds=(1337, 1337)"), "seeds must be a non-empty tuple of distinct integers"),
         (*sweep("--fracs=(0.2, 0.2)"), "would share a folder (0.20)"),
         (*sweep("--fracs=(0.501, 0.504)"), "would share a folder (0.50)"),
-        (*sweep("--ratios=(0.1, 1.5)"), "ratios must be a non-empty tuple of numbers in [0, 1]"),
-        (*sweep("--fracs=(-0.2, 0.5)"), "fracs must be a non-empty tuple of numbers in [0, 1]"),
+        (*sweep("--ratios=(0.1, 0.1)"), "ratios (0.1, 0.1): values that round to the same two decimals"),
+        (*sweep("--ratios=()"), "ratios must be a non-empty tuple of numbers"),
+        (*sweep("--fracs=(-0.2, 0.5)"), "fracs must lie in [0, 1]"),
+        (*sweep("--fracs=(0.5, 1.01)"), "fracs must lie in [0, 1]"),
         (*sweep("--launcher=pbs"), "launcher must be 'local' or 'slurm'"),
         (*sweep("--time_limit=soon"), "time_limit 'soon' is not a SLURM time"),
     ] + [

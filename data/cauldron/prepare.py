@@ -35,7 +35,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.atomic import make_folder  # noqa: E402
-from data.hub import add_hub_args, done_with, fetch, list_files, open_parquet, report, run_jobs  # noqa: E402
+from data.hub import (add_hub_args, done_with, fetch, list_files, open_parquet, remove_stale, report,  # noqa: E402
+                      run_jobs)
 from data.images import load_image  # noqa: E402
 from data.errors import UserError, report_user_errors  # noqa: E402
 from data.shards import write_conversation_shard  # noqa: E402
@@ -123,6 +124,7 @@ def main(argv=None):
     for out, (_, _, _, val) in jobs:
         if not os.path.exists(out) and os.path.exists(val):
             os.remove(val)  # a job cancelled by --max_samples: its validation rows go with it
+    remove_stale(args.out_dir, ["train_chat_*.bin", "val_chat_*.bin"], [p for _, job in jobs for p in job[2:]])
     report("training", n, "conversations", skipped, args.out_dir)
 
 

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.atomic import make_folder  # noqa: E402
-from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
+from data.hub import add_hub_args, done_with, fetch, list_files, remove_stale, report, run_jobs  # noqa: E402
 from data.images import load_image  # noqa: E402
 from data.errors import UserError, report_user_errors  # noqa: E402
 from data.shards import write_image_caption_shard  # noqa: E402
@@ -123,6 +123,7 @@ def main(argv=None):
     paths = [os.path.join(args.out_dir, f"train_caption_{i:05d}.bin") for i in range(len(train))]
     jobs = [(p, (args, f, p)) for p, f in zip(paths, train)]
     n, skipped = run_jobs(convert_tar, jobs, args.num_proc, shard_samples, args.max_samples, unit="pairs")
+    remove_stale(args.out_dir, ["train_caption_*.bin"], paths)
     report("validation", val_n, "pairs", val_skipped, args.out_dir)
     report("training", n, "pairs", skipped, args.out_dir)
 

@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.atomic import make_folder  # noqa: E402
-from data.hub import add_hub_args, done_with, fetch, list_files, open_parquet, report, run_jobs  # noqa: E402
+from data.hub import (add_hub_args, done_with, fetch, list_files, open_parquet, remove_stale, report,  # noqa: E402
+                      run_jobs)
 from data.shards import write_text_shard  # noqa: E402
 from data.errors import UserError, report_user_errors  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
@@ -75,6 +76,7 @@ def main(argv=None, repo_id=REPO_ID, revision=REVISION, patterns=PATTERNS, out_d
     train = [os.path.join(args.out_dir, f"train_text_{i:05d}.bin") for i in range(len(files) - 1)]
     jobs = [(p, (args, f, p)) for p, f in zip(train, files[:-1])]
     tokens, train_skipped = run_jobs(tokenize_file, jobs, args.num_proc, shard_tokens, args.max_tokens)
+    remove_stale(args.out_dir, ["train_text_*.bin"], train)
     report("validation", val_tokens, "tokens", val_skipped, args.out_dir)
     report("training", tokens, "tokens", train_skipped, args.out_dir)
 
