@@ -105,6 +105,7 @@ master = rank == 0
 device_type = torch.device(device).type
 resume = init_from == "resume"
 out_dir_lock = claim_out_dir(out_dir, not resume, overwrite, rank, world_size, device)  # as in pretrain.py
+signals = StopSignals(verbose=master)
 
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else init_from)
 if resume:
@@ -196,7 +197,6 @@ def validation_loss():
                      world_size)
 
 
-signals = StopSignals(verbose=master)
 stop_requested = False
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:

@@ -165,6 +165,7 @@ master = rank == 0
 device_type = torch.device(device).type
 # one writer per out_dir, and a new run never replaces another (README: "Faults and resumes")
 out_dir_lock = claim_out_dir(out_dir, init_from != "resume", overwrite, rank, world_size, device)
+signals = StopSignals(verbose=master)  # already during set-up (it can take minutes): a signal stops at step one
 
 start_iter = round(vision_start_frac * max_iters)  # the first step that sees images
 total_iters = start_iter + image_iters
@@ -326,7 +327,6 @@ if log_window is not None:
     if master:
         stats += torch.tensor(log_window["stats"], device=device)
     image_rows, step_rows = log_window["image_rows"], log_window["step_rows"]
-signals = StopSignals(verbose=master)
 stop_requested = False
 while True:
     if iter_num in save_iters and iter_num <= start_iter:

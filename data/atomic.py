@@ -33,9 +33,13 @@ def atomic_write(path, mode="w", **open_kwargs):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         cause = e
-        while cause is not None and not isinstance(cause, OSError):  # torch.save wraps it
+        while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt)):  # torch.save wraps it
             cause = cause.__cause__ or cause.__context__
-        if cause is not None and not isinstance(e, UserError):
+        if isinstance(cause, KeyboardInterrupt) and cause is not e:
+            # Ctrl-C mid-write: torch.save's writer then fails to close the file and raises its own
+            # error, which would hide the interrupt (and its exit status 130)
+            raise KeyboardInterrupt from None
+        if isinstance(cause, OSError) and not isinstance(e, UserError):
             raise UserError(f"cannot write {path}: {cause.strerror or cause}") from e
         raise
 

@@ -2,6 +2,7 @@
 writes, diverged weights, bad settings, SIGTERM / Ctrl-C / kill -9 at random moments. Each
 test is a tiny run of a few seconds; each failed on the code before these checks existed."""
 
+import io
 import os
 import random
 import resource
@@ -17,6 +18,7 @@ import torch
 
 from common import load_checkpoint, save_checkpoint
 from data import shards
+from data.atomic import atomic_write
 from data.tokenizer import Tokenizer
 from tests.test_pretrain import TINY, assert_same_weights, pretrain, read_log, weights
 from tests.tiny_data import ROOT, WORDS, make_tiny_dataset
@@ -137,6 +139,31 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
+class InterruptsWrites(io.RawIOBase):
+    """A file whose fifth write is interrupted by Ctrl-C, inside torch.save's C++ writer."""
+
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 5:
+            raise KeyboardInterrupt
+        return self.f.write(data)
+
+
+def test_ctrl_c_inside_torch_save_stays_a_ctrl_c(tmp_path):
+    """torch.save's writer, interrupted, fails to close the file and raises its own RuntimeError;
+    the interrupt must still come out as one (exit status 130), with no temporary file left."""
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(str(tmp_path / "ckpt.pt"), "wb") as f:
+            torch.save({"w": torch.ones(100_000)}, InterruptsWrites(f))
+    assert os.listdir(tmp_path) == []
+
+
 # ------------------------------------------- 4. and 9. checkpoint integrity and messages
 
 def test_damaged_or_foreign_checkpoints_are_refused_by_name(tmp_path):
@@ -250,6 +277,22 @@ def test_signal_at_a_random_moment_then_resume_equals_uninterrupted(data_dir, lo
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f], where  # a killed writer's are gone
     assert read_log(tmp_path) == read_log(long_run), where
     assert_same_weights(weights(tmp_path / "ckpt.pt"), weights(long_run / "ckpt.pt"))
+
+
+def test_a_signal_during_set_up_stops_at_the_first_step_with_a_checkpoint(data_dir, finished_run, tmp_path):
+    """The handlers exist before the data and the model are set up (seconds; minutes for a
+    SigLIP download or a compile): a scheduler's SIGTERM then is a clean stop, not a kill."""
+    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, *PHASES, f"--data_dir={data_dir}",
+                                f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    for line in process.stdout:
+        if line.startswith("model: "):  # printed once the model is built, before the first step
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and "--init_from=resume" in stderr, stderr[-2000:]
+    pretrain(data_dir, tmp_path, *PHASES, "--init_from=resume")
+    assert read_log(tmp_path) == read_log(finished_run)
 
 
 def test_sigterm_under_ddp_stops_every_rank_at_the_same_step(data_dir, tmp_path):
