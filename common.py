@@ -13,9 +13,9 @@ import math
 import os
 import re
 import shlex
-import socket
 import shutil
 import signal
+import socket
 import sys
 
 import torch
@@ -260,12 +260,12 @@ def lock_folder(folder, setting):
 
 def _run_in(out_dir):
     """What in out_dir makes it hold a run (a checkpoint or logged records), or None."""
-    ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "ckpt*.pt")))
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "ckpt*.pt")))
     log = os.path.join(out_dir, "log.jsonl")
     if os.path.exists(log) and os.path.getsize(log) > 0:
         with open(log, "rb") as f:
-            ckpts.append(f"log.jsonl with {sum(1 for _ in f)} records")
-    return ", ".join(ckpts) or None
+            found.append(f"log.jsonl with {sum(1 for _ in f)} records")
+    return ", ".join(found) or None
 
 
 def remove_dead_writers_files(folder):
@@ -284,8 +284,8 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # it lives, as another user's process
+        pass
     return True
 
 

@@ -27,8 +27,8 @@ from dataclasses import asdict
 import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
-                    claim_out_dir, compile_and_wrap, cosine_schedule, load_checkpoint, mean_loss, peak_flops, restore_rng_state,
-                    rng_state, save_checkpoint, setup_training, stop_if_not_finite, train_step)
+                    claim_out_dir, compile_and_wrap, cosine_schedule, load_checkpoint, mean_loss, peak_flops,
+                    restore_rng_state, rng_state, save_checkpoint, setup_training, stop_if_not_finite, train_step)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
