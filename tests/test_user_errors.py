@@ -69,6 +69,7 @@ def world(tmp_path_factory):
     with open(root / "bad_log" / "log.jsonl", "a") as f:
         f.write('{"loss": 1.0}\n')
     (root / "a_file").write_text("not a folder")
+    (root / "read_only").mkdir(mode=0o555)
     (root / "empty").mkdir()
     # Hub layouts with garbage, wrong columns, too few files
     for name in ("a", "b"):
@@ -105,7 +106,11 @@ def cases(w):
 
     cuda_missing = [] if torch.cuda.is_available() else [
         (*pretrain("--device=cuda"), "sees no CUDA GPU"), (*finetune("--device=cuda"), "sees no CUDA GPU")]
-    return cuda_missing + [
+    read_only = [] if os.geteuid() == 0 else [  # root writes anywhere; the a_file cases below stand in
+        (*pretrain(f"--out_dir={root}/read_only/run"), "cannot write to out_dir"),
+        (*finetune(f"--out_dir={root}/read_only/sft"), "cannot write to out_dir"),
+        ("export_hf.py", [f"--ckpt={ckpt}", f"--out_dir={root}/read_only/hf"], "cannot create out_dir")]
+    return cuda_missing + read_only + [
         (*pretrain("--patch_size=5"), "patch_size (5) must divide image_size (32)"),
         (*pretrain("--learning_rate=-0.001"), "learning_rate must not be negative"),
         (*pretrain("--beta1=-0.5"), "beta1 and beta2 must lie in [0, 1)"),
