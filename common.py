@@ -5,13 +5,17 @@ optimizer step, learning-rate shapes, checkpoints, logging and the MFU peak tabl
 
 import concurrent.futures
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 
 import torch
@@ -54,6 +58,11 @@ def peak_flops(device):
 def setup_distributed(device_setting):
     """Returns (rank, local_rank, world_size, device). Under torchrun the process group is
     NCCL on CUDA and gloo on the CPU; otherwise a single process."""
+    if device_setting not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device_setting):
+        raise UserError(f"device must be 'auto', 'cuda' or 'cpu', got {device_setting!r}")
+    if device_setting.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device is {device_setting!r}, but torch {torch.__version__} sees no CUDA GPU: "
+                        "use --device=cpu (or auto)")
     if "RANK" in os.environ:
         use_cuda = torch.cuda.is_available() and device_setting != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -274,6 +283,94 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def claim_out_dir(out_dir, new_run, overwrite, rank, world_size, device):
+    """Makes out_dir this run's own before any work: rank 0 takes its lock (out_dir/.lock, an
+    flock that the kernel releases when the process ends, kill -9 included, so a crash never
+    leaves it stuck) and refuses a second writer. A new run (anything but init_from=resume)
+    refuses a folder that already holds a run unless `overwrite`, which then deletes that run's
+    log and checkpoints. Temporary files of writers that died mid-write (ckpt.pt.tmp<pid>) are
+    removed. Under DDP the other ranks wait for rank 0's answer and stop with it. Returns the
+    lock's open file, which the caller keeps for the life of the process."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = lock_folder(out_dir, "out_dir")
+            held = _run_in(out_dir) if new_run else None
+            if held and not overwrite:
+                raise UserError(f"out_dir {out_dir} already holds a run ({held}): continue it with "
+                                "--init_from=resume, or choose another --out_dir (--overwrite=True replaces it)")
+            if held:
+                for path in [os.path.join(out_dir, "log.jsonl"), *glob.glob(os.path.join(out_dir, "ckpt*.pt"))]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            remove_dead_writers_files(out_dir)
+        except UserError as e:
+            refusal = e
+    if world_size > 1:
+        refused = torch.tensor([float(refusal is not None)], device=device)
+        if all_reduce_sum(refused, world_size).item() > 0 and refusal is None:
+            raise SystemExit(1)  # rank 0 says why
+    if refusal is not None:
+        raise refusal
+    return lock
+
+
+def lock_folder(folder, setting):
+    """Takes `folder`'s lock for the life of the process (see claim_out_dir; sweep.py locks
+    sweep_dir with it), naming `setting` when it cannot. Returns the lock's open file."""
+    if not folder:
+        raise UserError(f"{setting} must not be empty")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to {setting} {folder}: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{setting} {folder} is in use by {holder}: one run writes a folder at a time; "
+                        "wait for it to end or choose another folder") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def _run_in(out_dir):
+    """What in out_dir makes it hold a run (a checkpoint or logged records), or None."""
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "ckpt*.pt")))
+    log = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(log) and os.path.getsize(log) > 0:
+        with open(log, "rb") as f:
+            found.append(f"log.jsonl with {sum(1 for _ in f)} records")
+    return ", ".join(found) or None
+
+
+def remove_dead_writers_files(folder):
+    """Deletes the temporary files (see data/atomic.py: <name>.tmp<pid>) that a writer killed
+    mid-write left in `folder`; a checkpoint's can be gigabytes. A file whose process still
+    lives on this machine is kept (another program, such as evaluate.py, may be writing it)."""
+    for name in os.listdir(folder):
+        match = re.search(r"\.tmp(\d+)$", name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it lives, as another user's process
+        pass
+    return True
+
+
 def check_positive(config, names):
     """Settings that count something (rows, steps, layers) must be at least 1."""
     for name in names:
@@ -290,6 +387,25 @@ def check_same_settings(saved, config, may_differ, what):
     if differ:
         raise UserError(f"{what}: settings differ from the checkpoint's, which would change its past: "
                         + "; ".join(differ))
+
+
+def check_same_data(saved, current, what, may_differ=()):
+    """Refuses to continue a checkpoint on other training data than it was trained on: `saved`
+    and `current` map a shard pattern setting to data.shards.fingerprint of its files. Only the
+    files' names and contents count, not the folder's path."""
+    if saved is None:  # a checkpoint from before data was recorded
+        return
+    for name in sorted(set(saved) | set(current)):
+        if name in may_differ or saved.get(name) == current.get(name):
+            continue
+        before = {f[0]: f for f in saved.get(name) or []}
+        now = {f[0]: f for f in current.get(name) or []}
+        changes = ([f"{n} is new" for n in sorted(set(now) - set(before))]
+                   + [f"{n} is gone" for n in sorted(set(before) - set(now))]
+                   + [f"{n} has other contents" for n in sorted(set(now) & set(before)) if now[n] != before[n]])
+        raise UserError(f"{what}: the {name} shards are not those it was trained on ({'; '.join(changes[:3])}"
+                        f"{f'; {len(changes) - 3} more' if len(changes) > 3 else ''}): was the data regenerated? "
+                        "Continue on the data it was trained on, or start a new run")
 
 
 def _leaves(value, name=""):
@@ -398,6 +514,9 @@ class JsonlLog:
                         raise UserError(f"{path}: line {n} is not a JSON record") from None
                     print(f"warning: {path}: dropped its last line, a cut-off record: {line.strip()[:80]!r}")
                     break
+                if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+                    raise UserError(f"{path}: line {n} has no \"iter\" (the step it describes), so a resume cannot "
+                                    "tell which records to keep: remove or fix that line")
                 if record["iter"] < resume_iter:
                     kept.append(line if line.endswith("\n") else line + "\n")
             with atomic_write(path) as f:

@@ -28,8 +28,8 @@ from safetensors.torch import save
 
 from common import load_checkpoint
 from configurator import apply_overrides
-from data.atomic import atomic_write, write_text
-from data.errors import report_user_errors
+from data.atomic import atomic_write, make_folder, write_text
+from data.errors import UserError, report_user_errors
 from data.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -77,18 +77,17 @@ def llama_state_dict(state, c):
 def export(checkpoint, out_dir, dtype_name="float32"):
     """Writes checkpoint (as pretrain.py and finetune.py save it) to out_dir as a Llama folder."""
     c = checkpoint["model_config"]
+    check_dtype(dtype_name)
     if c.get("qk_norm", False):
-        raise ValueError("export_hf: this model uses qk_norm (a norm on queries and keys), which "
-                         "LlamaForCausalLM does not have; it cannot be exported as a Llama")
-    if dtype_name not in ("float32", "bfloat16"):
-        raise ValueError(f"export_hf: dtype must be 'float32' or 'bfloat16', got {dtype_name!r}")
+        raise UserError("export_hf: this model uses qk_norm (a norm on queries and keys), which "
+                        "LlamaForCausalLM does not have; it cannot be exported as a Llama")
     compact_vocab = checkpoint.get("compact_vocab")
     weights = {name: t.detach().to(getattr(torch, dtype_name)).contiguous().clone()  # clone: no shared storage
                for name, t in llama_state_dict(checkpoint["model"], c).items()}
     files = {"config.json": json.dumps(llama_config(c, Tokenizer(compact_vocab).eot_id, dtype_name), indent=1)}
     if compact_vocab is not None:
         files["compact_vocab.json"] = json.dumps(compact_vocab)
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir, "out_dir")
     stale = os.path.join(out_dir, "compact_vocab.json")  # from an earlier export into the same folder
     if compact_vocab is None and os.path.exists(stale):
         os.remove(stale)
@@ -100,10 +99,16 @@ def export(checkpoint, out_dir, dtype_name="float32"):
     return out_dir
 
 
+def check_dtype(dtype_name):
+    if dtype_name not in ("float32", "bfloat16"):
+        raise UserError(f"export_hf: dtype must be 'float32' or 'bfloat16', got {dtype_name!r}")
+
+
 def main(argv):
     settings = dict(ckpt=ckpt, out_dir=out_dir, dtype=dtype)
     apply_overrides(settings, argv)
     s = settings
+    check_dtype(s["dtype"])  # before loading a checkpoint that may be large
     destination = export(load_checkpoint(s["ckpt"]), s["out_dir"] or f"{s['ckpt']}.hf", s["dtype"])
     print(f"wrote {destination} (LlamaForCausalLM, {s['dtype']})")
     return destination

@@ -18,14 +18,14 @@ from dataclasses import asdict
 
 import torch
 
-from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
-                    load_training_state, shard_model, training_state,
-                    cosine_schedule, load_checkpoint, mean_loss, restore_rng_state, rng_state, save_checkpoint,
-                    setup_training, stop_if_not_finite, train_step)
+from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
+                    claim_out_dir, compile_and_wrap, cosine_schedule, load_checkpoint, load_training_state, mean_loss,
+                    restore_rng_state, rng_state, save_checkpoint, setup_training, shard_model, stop_if_not_finite,
+                    train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import ConversationLoader, PretrainLoader
-from data.shards import find_shards
+from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
 from model import VLM, ModelConfig, configure_optimizer
 
@@ -34,6 +34,7 @@ from model import VLM, ModelConfig, configure_optimizer
 # names that run; config/1b_sft.py overrides these for real data)
 out_dir = "out/finetune"
 init_from = "out/pretrain/ckpt.pt"  # a pretraining checkpoint, or "resume" (out_dir/ckpt.pt)
+overwrite = False  # True: a new run may replace the run already in out_dir (otherwise refused)
 data_dir = "data/toyworld"
 train_chat = "train_chat*.bin"  # conversation shard patterns inside data_dir
 val_chat = "val_chat*.bin"
@@ -77,8 +78,8 @@ parallel = "ddp"  # under torchrun: "ddp" or "fsdp" (see pretrain.py)
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
 # Settings that cannot change a run's past: a resume must match its checkpoint on all others.
-RUN_ONLY_SETTINGS = ["out_dir", "init_from", "ckpt_interval", "stop_at_iter", "log_interval", "eval_interval",
-                     "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels", "parallel"]
+RUN_ONLY_SETTINGS = ["out_dir", "data_dir", "init_from", "overwrite", "ckpt_interval", "stop_at_iter", "log_interval",
+                     "eval_interval", "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels", "parallel"]
 
 
 def check_settings():
@@ -86,6 +87,12 @@ def check_settings():
                             "eval_batches"])
     if seq_len < 0:
         raise UserError(f"seq_len must be positive, or 0 for the pretrained model's context length; got {seq_len}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if config[name] < 0:
+            raise UserError(f"{name} must not be negative, got {config[name]}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and 0.0 <= warmup_frac <= 1.0):
+        raise UserError(f"beta1 and beta2 must lie in [0, 1) and warmup_frac in [0, 1], got {beta1}, {beta2} and "
+                        f"{warmup_frac}")
     if freeze_vision and freeze_decoder:
         raise UserError("freeze_vision and freeze_decoder together leave nothing to train")
     if not 0 <= text_rows < batch_size:
@@ -98,8 +105,10 @@ chat_rows = batch_size - text_rows
 rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
 master = rank == 0
 device_type = torch.device(device).type
-
 resume = init_from == "resume"
+out_dir_lock = claim_out_dir(out_dir, not resume, overwrite, rank, world_size, device)  # as in pretrain.py
+signals = StopSignals(verbose=master)
+
 checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else init_from)
 if resume:
     check_same_settings(checkpoint["config"], config, RUN_ONLY_SETTINGS, os.path.join(out_dir, "ckpt.pt"))
@@ -137,6 +146,10 @@ if train_loader.image_size != (model_config.image_size,) * 2:
 text_loader = None if text_rows == 0 else PretrainLoader(
     text_files=find_shards(data_dir, train_text), tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len,
     rank=rank, world_size=world_size, device=device)
+train_data = {name: fingerprint(find_shards(data_dir, config[name])) for name in ("train_chat", "train_text")
+              if name != "train_text" or text_loader is not None}  # what a resume compares, as in pretrain.py
+if resume:
+    check_same_data(checkpoint.get("data"), train_data, os.path.join(out_dir, "ckpt.pt"))
 
 
 def next_batch():
@@ -178,7 +191,7 @@ def save(path):
         save_checkpoint(path, {
             "model": model_state, "optimizer": optimizer_state, "loader": loaders,
             "rng": rng_state(), "iter_num": iter_num, "config": config, "model_config": asdict(model_config),
-            "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from})
+            "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from, "data": train_data})
 
 
 def validation_loss():
@@ -187,7 +200,6 @@ def validation_loss():
                      world_size)
 
 
-signals = StopSignals(verbose=master)
 stop_requested = False
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:

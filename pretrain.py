@@ -19,20 +19,21 @@ that other runs branch from with init_from=PATH (sweep.py trains the shared text
 
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
 
 import torch
 
-from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_settings, compile_and_wrap,
-                    cosine_schedule, load_checkpoint, load_training_state, mean_loss, peak_flops, restore_rng_state,
-                    rng_state, save_checkpoint, setup_training, shard_model, stop_if_not_finite, train_step,
-                    training_state)
+from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
+                    claim_out_dir, compile_and_wrap, cosine_schedule, load_checkpoint, load_training_state, mean_loss,
+                    peak_flops, restore_rng_state, rng_state, save_checkpoint, setup_training, shard_model,
+                    stop_if_not_finite, train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
-from data.shards import find_shards
+from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
 from model import VISION_ENCODERS, VLM, configure_optimizer, load_siglip, model_config_from_settings, siglip_folder
 
@@ -47,6 +48,7 @@ train_captions = "train_caption*.bin"
 val_text = "val_text*.bin"
 val_captions = "val_caption*.bin"
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path to branch from
+overwrite = False  # True: a new run may replace the run already in out_dir (otherwise refused)
 save_fracs = ()  # text-schedule fractions at which to keep a checkpoint, e.g. (0.2, 0.4, 1.0)
 ckpt_interval = 100  # steps between resumable checkpoints (out_dir/ckpt.pt)
 stop_at_iter = -1  # end this invocation after this step (checkpointed), e.g. for time-limited jobs
@@ -114,9 +116,10 @@ config = apply_overrides(globals(), sys.argv[1:])
 # Settings that cannot change a run's past. A resume (init_from=resume) must match its
 # checkpoint on every other setting, so a setting added later is checked without anyone
 # remembering to list it.
-RUN_ONLY_SETTINGS = ["out_dir", "init_from", "save_fracs", "ckpt_interval", "stop_at_iter", "log_interval",
-                     "eval_interval", "eval_batches", "val_text", "val_captions", "device", "dtype", "compile",
-                     "use_kernels", "parallel"]
+# data_dir is one: a resume compares the training shards themselves (check_same_data).
+RUN_ONLY_SETTINGS = ["out_dir", "data_dir", "init_from", "overwrite", "save_fracs", "ckpt_interval", "stop_at_iter",
+                     "log_interval", "eval_interval", "eval_batches", "val_text", "val_captions", "device", "dtype",
+                     "compile", "use_kernels", "parallel"]
 # A branch (init_from=PATH, a text-only checkpoint) may also choose its own image phase.
 IMAGE_PHASE_SETTINGS = ["train_captions", "caption_len", "vision_start_frac", "image_iters", "image_ratio",
                         "image_ratio_ramp_iters", "rewarm_lr", "rewarm_iters"]
@@ -124,14 +127,26 @@ IMAGE_PHASE_SETTINGS = ["train_captions", "caption_len", "vision_start_frac", "i
 
 def check_settings():
     check_positive(config, ["n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "seq_len", "image_size",
-                            "patch_size", "caption_len", "batch_size", "grad_accum", "max_iters", "ckpt_interval",
-                            "log_interval", "eval_interval", "eval_batches"])
+                            "patch_size", "vit_width", "vit_heads", "caption_len", "batch_size", "grad_accum",
+                            "max_iters", "ckpt_interval", "log_interval", "eval_interval", "eval_batches"])
     if n_embd % n_head or n_head % n_kv_head:
         raise UserError(f"n_head ({n_head}) must divide n_embd ({n_embd}) and be a multiple of n_kv_head ({n_kv_head})")
+    if n_embd // n_head % 2:
+        raise UserError(f"the head size n_embd / n_head ({n_embd // n_head}) must be even: rotary embeddings turn "
+                        "pairs of dimensions")
+    if vision_encoder == "patches" and image_size % patch_size:
+        raise UserError(f"patch_size ({patch_size}) must divide image_size ({image_size})")
     if vision_encoder not in VISION_ENCODERS:
         raise UserError(f"vision_encoder must be one of {VISION_ENCODERS}, got {vision_encoder!r}")
-    if vision_encoder == "siglip" and not vision_weights:
-        raise UserError("vision_encoder is 'siglip': set vision_weights to a Hub repository id or a local folder")
+    if vision_encoder == "siglip" and not os.path.isdir(vision_weights) and (
+            vision_weights.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", vision_weights)):
+        raise UserError(f"vision_weights {vision_weights!r} is neither a local folder nor a Hub repository id "
+                        "(owner/name)")
+    for name in ("learning_rate", "min_lr", "rewarm_lr", "weight_decay", "grad_clip"):
+        if config[name] < 0:
+            raise UserError(f"{name} must not be negative, got {config[name]}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise UserError(f"beta1 and beta2 must lie in [0, 1), got {beta1} and {beta2}")
     if vit_depth > 0 and (vit_heads <= 0 or vit_width % vit_heads):
         raise UserError(f"vit_heads ({vit_heads}) must be positive and divide vit_width ({vit_width})")
     if not 0.0 <= vision_start_frac <= 1.0:
@@ -140,6 +155,10 @@ def check_settings():
         raise UserError(f"image_ratio must lie in [0, 1], got {image_ratio}")
     if any(not 0.0 <= f <= 1.0 for f in save_fracs):
         raise UserError(f"save_fracs must lie in [0, 1], got {save_fracs}")
+    names = [f"ckpt_frac{f:.2f}.pt" for f in save_fracs]  # two fractions alike to 2 decimals would share one
+    if len(set(names)) < len(names):
+        raise UserError(f"save_fracs {save_fracs} name one checkpoint twice: "
+                        f"{', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     for name in ("image_iters", "warmup_iters", "rewarm_iters", "image_ratio_ramp_iters", "vit_depth"):
         if config[name] < 0:
             raise UserError(f"{name} must not be negative, got {config[name]}")
@@ -149,6 +168,9 @@ check_settings()
 rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
 master = rank == 0
 device_type = torch.device(device).type
+# one writer per out_dir, and a new run never replaces another (README: "Faults and resumes")
+out_dir_lock = claim_out_dir(out_dir, init_from != "resume", overwrite, rank, world_size, device)
+signals = StopSignals(verbose=master)  # already during set-up (it can take minutes): a signal stops at step one
 
 start_iter = round(vision_start_frac * max_iters)  # the first step that sees images
 total_iters = start_iter + image_iters
@@ -200,6 +222,7 @@ def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
 
 # Training data: every rank walks the same slots; see data/loader.py.
 train_loader = make_loader(train_text, train_captions, rank, world_size)
+train_data = {name: fingerprint(find_shards(data_dir, config[name])) for name in ("train_text", "train_captions")}
 val_loader = make_loader(val_text, val_captions, rank, world_size)
 
 raw_model = VLM(model_config).to(device)
@@ -216,10 +239,14 @@ if init_from != "scratch":
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     checkpoint = load_checkpoint(ckpt_path)
     saved = checkpoint["config"]
+    if checkpoint.get("compact_vocab") != tokenizer.compact_vocab:
+        raise UserError(f"{ckpt_path} was trained with another vocabulary than {data_dir}'s")
     if init_from == "resume":
         check_same_settings(saved, config, RUN_ONLY_SETTINGS, ckpt_path)
+        check_same_data(checkpoint.get("data"), train_data, ckpt_path)
     else:
         check_same_settings(saved, config, RUN_ONLY_SETTINGS + IMAGE_PHASE_SETTINGS, ckpt_path)
+        check_same_data(checkpoint.get("data"), train_data, ckpt_path, may_differ=["train_captions"])
         if checkpoint["iter_num"] > round(saved["vision_start_frac"] * saved["max_iters"]):
             raise UserError(f"{ckpt_path} is at step {checkpoint['iter_num']}, after its run's image start: "
                             "a branch must start from a text-only checkpoint")
@@ -262,7 +289,8 @@ def save(path):
             "model": model_state, "optimizer": optimizer_state,
             "loader": train_loader.state_dict(), "rng": rng_state(), "iter_num": iter_num,
             "log_window": {"stats": window, "image_rows": image_rows, "step_rows": step_rows},
-            "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab})
+            "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab,
+            "data": train_data})
 
 
 def validation_losses():
@@ -297,7 +325,6 @@ if log_window is not None:
     if master:
         stats += torch.tensor(log_window["stats"], device=device)
     image_rows, step_rows = log_window["image_rows"], log_window["step_rows"]
-signals = StopSignals(verbose=master)
 stop_requested = False
 while True:
     if iter_num in save_iters and iter_num <= start_iter:

@@ -48,9 +48,10 @@ import matplotlib
 import numpy as np
 import torch
 
+from common import lock_folder
 from configurator import apply_overrides, script_settings
 from data.atomic import atomic_write, write_text
-from data.errors import report_user_errors
+from data.errors import UserError, report_user_errors
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -87,6 +88,7 @@ gpu_tokens_per_s = 52_200.0
 sft_conversations = 0  # fine-tuning conversations per epoch; 0 = count them in the fine-tuning shards
 eval_gpu_hours = 1.0  # per evaluation
 # -----------------------------------------------------------------------------
+report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CORES = len(os.sched_getaffinity(0))
@@ -317,7 +319,7 @@ def limit_seconds(limit):
         return {1: lambda m: m * 60, 2: lambda m, s: m * 60 + s,
                 3: lambda h, m, s: h * 3600 + m * 60 + s}[len(parts)](*parts)
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"time_limit {limit!r} is not a SLURM time such as '24:00:00' or '2-00:00:00'") from None
+        raise UserError(f"time_limit {limit!r} is not a SLURM time such as '24:00:00' or '2-00:00:00'") from None
 
 
 def gpus(stage):
@@ -335,7 +337,7 @@ def job_parts(stage, first_iter):
     steps_per_job = math.floor(limit_seconds(time_limit) * JOB_TIME_SHARE * gpus(stage) * gpu_tokens_per_s
                                / tokens_per_step(stage))
     if steps_per_job < 1:
-        raise ValueError(f"time_limit {time_limit} is too short for one step of {stage.label}")
+        raise UserError(f"time_limit {time_limit} is too short for one step of {stage.label}")
     return list(range(start + steps_per_job, end, steps_per_job)) + [end]
 
 
@@ -378,7 +380,8 @@ def job_script(stage, part, parts, stop_at):
     if stage.script == "evaluate.py":
         lines.append(shell(srun_command(stage)))
     else:
-        lines += [f"resume=''; if [ -e {shlex.quote(d)}/ckpt.pt ]; then resume=--init_from=resume; "
+        # without a checkpoint the job starts over, replacing what a job killed before its first one logged
+        lines += [f"resume=--overwrite=True; if [ -e {shlex.quote(d)}/ckpt.pt ]; then resume=--init_from=resume; "
                   f"echo \"resuming from {d}/ckpt.pt\"; fi",
                   shell(srun_command(stage, extra)) + " $resume"]
     lines += ['code=$?', f'if [ $code -ne 0 ]; then echo "exit code $code" > {shlex.quote(d)}/FAILED.tmp && '
@@ -397,7 +400,7 @@ def queued_job_ids():
     if shutil.which("squeue") is None:
         if dry_run:
             return set()
-        raise FileNotFoundError("launcher = 'slurm' needs SLURM's squeue and sbatch on PATH; squeue is not there")
+        raise UserError("launcher = 'slurm' needs SLURM's squeue and sbatch on PATH; squeue is not there")
     out = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", "--format=%i"],
                          capture_output=True, text=True, check=True).stdout
     return {line.strip() for line in out.splitlines() if line.strip()}
@@ -512,7 +515,7 @@ def finetune_steps_and_tokens(stage):
         pattern = os.path.join(s["data_dir"], s["train_chat"])
         paths = sorted(glob.glob(os.path.join(ROOT, pattern)))
         if not paths:
-            raise ValueError(f"sft_conversations is 0 and no shards match {pattern}: set sft_conversations "
+            raise UserError(f"sft_conversations is 0 and no shards match {pattern}: set sft_conversations "
                              "(conversations per epoch) for the estimate")
         conversations = sum(read_shard(p).num_samples for p in paths)
     seq_len = s["seq_len"] or script_settings("pretrain.py", [pretrain_config, *pretrain_args, *DATA])["seq_len"]
@@ -725,9 +728,36 @@ def plot_lr_schedule():
 
 # -----------------------------------------------------------------------------
 
-def main():
+def check_settings():
+    """The grid and the launcher's settings, before any plan: every start fraction, ratio and
+    seed names one folder (frac0.50, ...) and one cell, so two that round alike would share it. A
+    fraction outside [0, 1] would fail the text run and so every cell; a ratio that pretrain.py
+    refuses fails only its own cells, with pretrain.py's message."""
+    for name, values in (("fracs", fracs), ("ratios", ratios)):
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise UserError(f"{name} must be a non-empty tuple of numbers, got {values!r}")
+        if name == "fracs" and not all(0.0 <= v <= 1.0 for v in values):
+            raise UserError(f"fracs must lie in [0, 1], got {values!r}")
+        folders = [f"{v:.2f}" for v in values]
+        if len(set(folders)) < len(folders):
+            raise UserError(f"{name} {values!r}: values that round to the same two decimals would share a folder "
+                            f"({', '.join(sorted({f for f in folders if folders.count(f) > 1}))})")
+    if not seeds or any(isinstance(v, bool) or not isinstance(v, int) for v in seeds) or len(set(seeds)) < len(seeds):
+        raise UserError(f"seeds must be a non-empty tuple of distinct integers, got {seeds!r}")
+    for name in ("nproc", "parallel", "nodes"):
+        if config[name] < 1:
+            raise UserError(f"{name} must be at least 1, got {config[name]}")
     if launcher not in ("local", "slurm"):
-        raise ValueError(f"launcher must be 'local' or 'slurm', got {launcher!r}")
+        raise UserError(f"launcher must be 'local' or 'slurm', got {launcher!r}")
+    if gpu_tokens_per_s <= 0 or eval_gpu_hours < 0 or sft_conversations < 0:
+        raise UserError("gpu_tokens_per_s must be positive, eval_gpu_hours and sft_conversations not negative")
+    limit_seconds(time_limit)
+
+
+def main():
+    check_settings()
+    if not dry_run:  # one sweep per folder: a second would run every stage again beside the first
+        sweep_lock = lock_folder(sweep_dir, "sweep_dir")  # noqa: F841 (held until main returns)
     t_start = time.time()
     stages = plan()
     grid = [(seed, frac, ratio) for seed in seeds for frac in fracs for ratio in ratios]
@@ -760,5 +790,4 @@ def main():
 
 
 if __name__ == "__main__":
-    report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
     main()

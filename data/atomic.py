@@ -33,11 +33,26 @@ def atomic_write(path, mode="w", **open_kwargs):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         cause = e
-        while cause is not None and not isinstance(cause, OSError):  # torch.save wraps it
+        while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt)):  # torch.save wraps it
             cause = cause.__cause__ or cause.__context__
-        if cause is not None and not isinstance(e, UserError):
+        if isinstance(cause, KeyboardInterrupt) and cause is not e:
+            # Ctrl-C mid-write: torch.save's writer then fails to close the file and raises its own
+            # error, which would hide the interrupt (and its exit status 130)
+            raise KeyboardInterrupt from None
+        if isinstance(cause, OSError) and not isinstance(e, UserError):
             raise UserError(f"cannot write {path}: {cause.strerror or cause}") from e
         raise
+
+
+def make_folder(path, setting):
+    """os.makedirs(path, exist_ok=True), with a failure (read-only, a file in the way) as a
+    UserError naming the setting that chose the folder."""
+    if not path:
+        raise UserError(f"{setting} must not be empty")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {setting} {path}: {e.strerror}") from None
 
 
 def write_text(path, text):

@@ -4,7 +4,11 @@ in a local folder laid out like the Hub repository), turning each input file int
 shard on a pool of processes, a progress line, and resuming.
 
 One input file -> one shard keeps resuming simple and exact: a shard that exists (writers write a
-temporary file and rename it, so an existing shard is a whole one) is finished and never redone.
+temporary file and rename it, so an existing shard is a whole one) is finished and never redone,
+provided it was made from the same input file with the same settings: out_dir/sources.json
+records, for every shard, its input (the Hub repository, revision and path, or the local file with
+its size and time) and the settings that shape it. A shard made from something else is redone, and
+remove_stale deletes shards of an earlier run that this run's inputs no longer make.
 A budget (--max_tokens / --max_samples) takes input files in order until their shards hold at
 least that much, so the same command always yields the same shards.
 
@@ -14,12 +18,15 @@ downloaded at a pinned revision when a worker needs it, with nothing between the
 
 import fnmatch
 import glob
+import json
 import os
 import sys
 import time
 from collections import Counter
 from multiprocessing import Pool
 
+from data.atomic import write_text
+from data.errors import MissingFileError, UserError
 from data.shards import ShardError, read_shard
 
 
@@ -39,7 +46,7 @@ def list_files(args, patterns, required=True):
     """The dataset's files (paths relative to the repository root) matching any pattern, sorted."""
     if args.local_dir:
         if not os.path.isdir(args.local_dir):
-            raise FileNotFoundError(f"--local_dir {args.local_dir}: no such folder")
+            raise MissingFileError(f"--local_dir {args.local_dir}: no such folder")
         paths = [os.path.relpath(p, args.local_dir)
                  for p in glob.glob(os.path.join(args.local_dir, "**", "*"), recursive=True) if os.path.isfile(p)]
         where = args.local_dir
@@ -49,7 +56,7 @@ def list_files(args, patterns, required=True):
         where = f"{args.repo_id}@{args.revision}"
     chosen = sorted(p for p in paths if any(fnmatch.fnmatch(p, pattern) for pattern in patterns))
     if required and not chosen:
-        raise FileNotFoundError(f"{where}: no files match {', '.join(patterns)}")
+        raise MissingFileError(f"{where}: no files match {', '.join(patterns)}")
     return chosen
 
 
@@ -63,6 +70,21 @@ def fetch(args, path):
                            local_dir=args.download_dir or os.path.join(args.out_dir, "downloads"))
 
 
+def open_parquet(path, columns):
+    """A pyarrow ParquetFile, checked to hold `columns`. A file that is not parquet, or lacks one
+    of them, raises a UserError naming it (raised in a worker, the parent reports it)."""
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid, an OSError: not a parquet file
+        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    missing = [c for c in columns if c not in parquet.schema_arrow.names]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(map(repr, missing))} "
+                        f"(its columns: {', '.join(parquet.schema_arrow.names) or 'none'})")
+    return parquet
+
+
 def done_with(args, local):
     """Deletes a downloaded file once its shard is written (never a file of --local_dir)."""
     if not args.local_dir and not args.keep_downloads:
@@ -74,16 +96,60 @@ def _call(job):
     return worker(*job_args)
 
 
+# Settings that do not change what a shard holds: which files, how many, where, how fast.
+NOT_SHARD_SETTINGS = {"repo_id", "revision", "local_dir", "download_dir", "keep_downloads", "num_proc", "out_dir",
+                      "max_tokens", "max_samples", "dataset", "subsets", "train_pattern", "val_pattern"}
+
+
+def shard_source(args, path):
+    """What a shard is made from: its input file and the settings that shape it (sources.json)."""
+    if args.local_dir:
+        local = os.path.join(args.local_dir, path)
+        stat = os.stat(local)
+        source = {"file": os.path.abspath(local), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    else:
+        source = {"repo": args.repo_id, "revision": args.revision, "file": path}
+    return {**source, "settings": {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SHARD_SETTINGS}}
+
+
+def read_sources(folder):
+    path = os.path.join(folder, "sources.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def remove_stale(folder, patterns, keep):
+    """Deletes the shards in folder that match patterns but are not in keep: an earlier run's,
+    from more input files than this run has, which a training pattern such as train_text*.bin
+    would otherwise pick up."""
+    keep = {os.path.basename(p) for p in keep}
+    stale = sorted({n for pattern in patterns for n in fnmatch.filter(os.listdir(folder), pattern)} - keep)
+    sources = read_sources(folder)
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+        sources.pop(name, None)
+    if stale:
+        write_text(os.path.join(folder, "sources.json"), json.dumps(sources, indent=1))
+        print(f"removed {len(stale)} shard(s) of an earlier run that this run's inputs do not make: "
+              f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
+
+
 def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens"):
-    """Runs worker(*args) for each (out_path, args) in jobs, num_proc at a time. The worker writes
-    out_path and returns a Counter of the rows it skipped, by reason. size_of(shard) measures a
-    finished shard (in `unit`); once the shards, in job order, hold `budget` (0: no limit), the
-    remaining jobs are cancelled and any shard they wrote is removed. Returns (total, skipped)."""
+    """Runs worker(*args) for each (out_path, args) in jobs, num_proc at a time; every job's args
+    start with (the parsed arguments, the input file's path). The worker writes out_path and
+    returns a Counter of the rows it skipped, by reason. size_of(shard) measures a finished shard
+    (in `unit`); once the shards, in job order, hold `budget` (0: no limit), the remaining jobs are
+    cancelled and any shard they wrote is removed. Returns (total, skipped)."""
     if not jobs:
-        raise ValueError("nothing to prepare: no input files")
+        raise UserError("nothing to prepare: no input files")
+    folder = os.path.dirname(jobs[0][0])
+    sources = read_sources(folder)
+    made_from = [shard_source(*job_args[:2]) for _, job_args in jobs]
     finished = {}
     for i, (out_path, _) in enumerate(jobs):
-        if os.path.exists(out_path):
+        if os.path.exists(out_path) and sources.get(os.path.basename(out_path)) == made_from[i]:
             try:
                 finished[i] = size_of(read_shard(out_path))
             except ShardError:
@@ -99,6 +165,8 @@ def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens"):
             else:
                 skipped += next(results)
                 total += size_of(read_shard(out_path))
+                sources[os.path.basename(out_path)] = made_from[i]
+                write_text(os.path.join(folder, "sources.json"), json.dumps(sources, indent=1))
             print(f"\r{i + 1}/{len(jobs)} files, {total:,} {unit} ({len(finished)} shards already there), "
                   f"{time.time() - start:.0f} s", end="", file=sys.stderr, flush=True)
             if budget and total >= budget:

@@ -179,8 +179,24 @@ class ConversationLoader:
         if len(sizes) != 1:
             raise UserError(f"conversation shards disagree on the image size: {sorted(sizes)}")
         self.image_size = sizes.pop()
+        self._check_something_is_trained(files)
         self._order_epoch, self._order = None, None
         self.reset()
+
+    def _check_something_is_trained(self, files, samples=256):
+        """Refuses, at start-up, conversations that would train on nothing (a loss of 0 and a NaN
+        validation loss, silently): seq_len too short for the image tokens or for any answer, or
+        shards without a trained token. Looks at the first `samples` conversations only."""
+        if self.num_samples == 0:
+            raise UserError(f"{', '.join(map(str, files))}: no conversations")
+        if self.T <= self.tokens_per_image:
+            raise UserError(f"seq_len {self.T} leaves no room for text after the {self.tokens_per_image} image tokens")
+        window = self.T + 1 - self.tokens_per_image  # the tokens of a conversation that fit into a row
+        first = [(s, i) for s in self.shards for i in range(min(s.num_samples, samples))][:samples]
+        if not any(s.loss_mask[s.offsets[i]:s.offsets[i + 1]][:window].any() for s, i in first):
+            raise UserError(f"{files[0]}: none of the first {len(first)} conversations has a trained (assistant) "
+                            f"token within seq_len {self.T} after the {self.tokens_per_image} image tokens: "
+                            "fine-tuning would train on nothing")
 
     def reset(self):
         self.state = {"slot": 0}

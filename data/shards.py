@@ -22,6 +22,7 @@ Writers write a temporary file and rename it, so a half-written shard is never v
 """
 
 import glob
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -170,6 +171,23 @@ def find_shards(data_dir, pattern):
         raise MissingFileError(f"no shards match {os.path.join(data_dir, pattern)} "
                                "(for the toy world, run: python data/toyworld/prepare.py)")
     return files
+
+
+def fingerprint(paths, sample_bytes=1 << 16):
+    """What identifies a set of shards without reading them whole: each file's name (not its
+    folder: the same data written as another path is the same data), size, and a sha256 of its
+    first and last 64 KiB (the header with its counts, and data from both ends). Checkpoints
+    record it, and a resume refuses shards whose fingerprint differs (regenerated data)."""
+    result = []
+    for path in paths:
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(sample_bytes))
+            f.seek(max(sample_bytes, size - sample_bytes))
+            digest.update(f.read())
+        result.append([os.path.basename(path), size, digest.hexdigest()])
+    return result
 
 
 def read_shard(path, expected_kind=None, vocab_size=None):

@@ -7,7 +7,6 @@ A rotation's inverse is the rotation by the negative angle, so the backward is t
 kernel with sin negated. x may be a strided view (e.g. q sliced out of a fused qkv
 projection): the kernel reads it through its strides, so no copy is made.
 """
-import os
 
 import torch
 import triton

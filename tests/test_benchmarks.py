@@ -286,7 +286,7 @@ def test_bad_input_names_the_column_and_file(tmp_path):
     write(hub, "lmms-lab/POPE", "data/test-00000-of-00001.parquet",
           [("question_id", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("image", IMAGE)],
           [{"question_id": "1", "question": "Is there a dog?", "answer": "yes", "image": {"bytes": RED, "path": None}}])
-    with pytest.raises(ValueError, match=r"test-00000-of-00001\.parquet: missing column 'category'"):
+    with pytest.raises(ValueError, match=r"test-00000-of-00001\.parquet: no column 'category'"):
         run_prepare(hub, tmp_path / "out", "--tasks=pope")
     with pytest.raises(FileNotFoundError, match="lmms-lab/GQA"):
         run_prepare(hub, tmp_path / "out", "--tasks=gqa")

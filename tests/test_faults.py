@@ -2,6 +2,7 @@
 writes, diverged weights, bad settings, SIGTERM / Ctrl-C / kill -9 at random moments. Each
 test is a tiny run of a few seconds; each failed on the code before these checks existed."""
 
+import io
 import os
 import random
 import resource
@@ -17,6 +18,7 @@ import torch
 
 from common import load_checkpoint, save_checkpoint
 from data import shards
+from data.atomic import atomic_write
 from data.tokenizer import Tokenizer
 from tests.test_pretrain import TINY, assert_same_weights, pretrain, read_log, weights
 from tests.tiny_data import ROOT, WORDS, make_tiny_dataset
@@ -119,7 +121,7 @@ def test_full_disk_during_a_checkpoint_write_leaves_no_temporary_file(data_dir, 
                              f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=small_disk)
     assert_one_error_line(result, f"cannot write {tmp_path / 'ckpt.pt'}: File too large")
-    assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl"]
 
 
 class InterruptsPickling:
@@ -135,6 +137,31 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "late": InterruptsPickling()})
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+class InterruptsWrites(io.RawIOBase):
+    """A file whose fifth write is interrupted by Ctrl-C, inside torch.save's C++ writer."""
+
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 5:
+            raise KeyboardInterrupt
+        return self.f.write(data)
+
+
+def test_ctrl_c_inside_torch_save_stays_a_ctrl_c(tmp_path):
+    """torch.save's writer, interrupted, fails to close the file and raises its own RuntimeError;
+    the interrupt must still come out as one (exit status 130), with no temporary file left."""
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(str(tmp_path / "ckpt.pt"), "wb") as f:
+            torch.save({"w": torch.ones(100_000)}, InterruptsWrites(f))
+    assert os.listdir(tmp_path) == []
 
 
 # ------------------------------------------- 4. and 9. checkpoint integrity and messages
@@ -244,10 +271,28 @@ def test_signal_at_a_random_moment_then_resume_equals_uninterrupted(data_dir, lo
     else:  # stopped after a step, with a checkpoint and the way to go on
         assert code == 128 + signum and "--init_from=resume" in stderr and "Traceback" not in stderr, where
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f] or signum == signal.SIGKILL, where
-    resume = "--init_from=resume" if os.path.exists(tmp_path / "ckpt.pt") else "--init_from=scratch"
+    # killed before its first checkpoint, the run starts over, replacing the records it logged
+    resume = "--init_from=resume" if os.path.exists(tmp_path / "ckpt.pt") else "--overwrite=True"
     pretrain(data_dir, tmp_path, *LONG, resume)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f], where  # a killed writer's are gone
     assert read_log(tmp_path) == read_log(long_run), where
     assert_same_weights(weights(tmp_path / "ckpt.pt"), weights(long_run / "ckpt.pt"))
+
+
+def test_a_signal_during_set_up_stops_at_the_first_step_with_a_checkpoint(data_dir, finished_run, tmp_path):
+    """The handlers exist before the data and the model are set up (seconds; minutes for a
+    SigLIP download or a compile): a scheduler's SIGTERM then is a clean stop, not a kill."""
+    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, *PHASES, f"--data_dir={data_dir}",
+                                f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    for line in process.stdout:
+        if line.startswith("model: "):  # printed once the model is built, before the first step
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and "--init_from=resume" in stderr, stderr[-2000:]
+    pretrain(data_dir, tmp_path, *PHASES, "--init_from=resume")
+    assert read_log(tmp_path) == read_log(finished_run)
 
 
 def test_sigterm_under_ddp_stops_every_rank_at_the_same_step(data_dir, tmp_path):
@@ -283,3 +328,90 @@ def test_finetune_under_ddp_logs_the_loss_over_every_rank(data_dir, finished_run
     finetune(data_dir, tmp_path / "two", *args, nproc=2)
     one, two = ([r["loss"] for r in read_log(tmp_path / run) if "loss" in r] for run in ("one", "two"))
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-4)
+
+
+# ------------------------- 10. a new run never replaces another; one writer per folder
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(data_dir, finished_run, tmp_path):
+    """The usual mistake after a preemption: the same command again, without init_from=resume."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {name: (run / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    assert_one_error_line(pretrain(data_dir, run, *PHASES, check=False),
+                          f"out_dir {run} already holds a run (ckpt.pt, log.jsonl with")
+    sft = tmp_path / "sft"
+    finetune(data_dir, sft, f"--init_from={run / 'ckpt.pt'}", "--stop_at_iter=2")
+    sft_before = (sft / "ckpt.pt").read_bytes()
+    result = finetune(data_dir, sft, f"--init_from={run / 'ckpt.pt'}", check=False)
+    assert_one_error_line(result, "--init_from=resume, or choose another --out_dir")
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert (sft / "ckpt.pt").read_bytes() == sft_before
+    # told to, a new run replaces the old one, and none of its checkpoints stays behind
+    (run / "ckpt_frac0.30.pt").write_bytes(before["ckpt.pt"])
+    pretrain(data_dir, run, *PHASES, "--stop_at_iter=2", "--overwrite=True")
+    assert sorted(p.name for p in run.glob("ckpt*")) == ["ckpt.pt"]
+    assert [r["iter"] for r in read_log(run)] == [0, 0, 1]
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(data_dir, tmp_path):
+    """A run (here a stand-in) holds out_dir/.lock while it lives."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, time; "
+                               f"lock = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(lock, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for result in (pretrain(data_dir, tmp_path, *PHASES, check=False),  # a second run
+                       pretrain(data_dir, tmp_path, *PHASES, "--init_from=resume", check=False),  # a requeue
+                       finetune(data_dir, tmp_path, "--init_from=resume", check=False)):
+            assert_one_error_line(result, f"out_dir {tmp_path} is in use by another process")
+        sweep = subprocess.run([sys.executable, "sweep.py", f"--sweep_dir={tmp_path}"], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert_one_error_line(sweep, f"sweep_dir {tmp_path} is in use by another process")
+        assert sorted(os.listdir(tmp_path)) == [".lock"]
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock
+        holder.wait()
+    pretrain(data_dir, tmp_path, *PHASES, "--stop_at_iter=2")
+    with open(tmp_path / ".lock") as f:  # who holds it, for the message a second writer gets
+        assert f.read().startswith("process ")
+
+
+def test_resume_removes_the_temporary_files_of_killed_writers(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, *PHASES, "--stop_at_iter=6")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    for name in (f"ckpt.pt.tmp{dead}", f"log.jsonl.tmp{dead}", f"ckpt.pt.eval.json.tmp{os.getpid()}"):
+        (tmp_path / name).write_bytes(b"half a checkpoint")  # what kill -9 mid-write leaves
+    pretrain(data_dir, tmp_path, *PHASES, "--init_from=resume")
+    # the live process's file (another program writing here) stays
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == [f"ckpt.pt.eval.json.tmp{os.getpid()}"]
+
+
+# --------------------------------------------- 11. a resume knows its data by content, not by path
+
+def test_resume_refuses_regenerated_data_and_accepts_the_same_data_by_another_path(data_dir, finished_run, tmp_path):
+    pretrain(data_dir, tmp_path / "run", *PHASES, "--stop_at_iter=6")
+    other = tmp_path / "regenerated"
+    shutil.copytree(data_dir, other)
+    make_tiny_dataset(other, seed=1)  # the same file names, other documents
+    result = pretrain(other, tmp_path / "run", *PHASES, "--init_from=resume", check=False)
+    assert_one_error_line(result, "shards are not those it was trained on (train_caption.bin has other contents)")
+    # the same folder by another path: a symlink, relative to somewhere else
+    (tmp_path / "link").symlink_to(data_dir)
+    pretrain(data_dir, tmp_path / "run", *PHASES, "--init_from=resume", f"--data_dir={tmp_path / 'link'}/./")
+    assert read_log(tmp_path / "run") == read_log(finished_run)
+    # fine-tuning too
+    sft = tmp_path / "sft"
+    finetune(data_dir, sft, f"--init_from={finished_run / 'ckpt.pt'}", "--stop_at_iter=2")
+    shards.write_conversation_shard(os.path.join(other, "train_chat.bin"), *load_chat(data_dir, drop_last=True))
+    result = finetune(other, sft, "--init_from=resume", check=False)
+    assert_one_error_line(result, "the train_chat shards are not those it was trained on (train_chat.bin has other")
+
+
+def load_chat(data_dir, drop_last):
+    """The conversations of data_dir's train_chat.bin (less the last), for write_conversation_shard."""
+    shard = shards.read_shard(os.path.join(data_dir, "train_chat.bin"))
+    n = shard.num_samples - drop_last
+    spans = [slice(shard.offsets[i], shard.offsets[i + 1]) for i in range(n)]
+    return (shard.images[:n], [shard.tokens[s] for s in spans], [shard.loss_mask[s] for s in spans],
+            shard.vocab_size)

@@ -37,3 +37,24 @@ def test_unreadable_image_names_the_file(tmp_path):
         load_image(b"\xff\xd8garbage", 8)
     with pytest.raises(MissingFileError, match="missing.png: no such image file"):
         load_image(str(tmp_path / "missing.png"), 8)
+
+
+def test_transparency_is_composited_onto_white_as_the_siglip_processor_does():
+    """The Hugging Face SigLIP processor (do_convert_rgb) blends transparent pixels onto white;
+    ours must give the same pixels, else a model sees other pictures in training than in use."""
+    transformers = pytest.importorskip("transformers")
+    # the Pillow backend (the only one before transformers 5; the torchvision one resizes otherwise)
+    processor_class = getattr(transformers, "SiglipImageProcessorPil", transformers.SiglipImageProcessor)
+    processor = processor_class(size={"height": 16, "width": 16}, do_rescale=False, do_normalize=False)
+    rng = np.random.default_rng(0)
+    alpha = rng.integers(0, 256, (24, 40), dtype=np.uint8)
+    alpha[:, :10] = 0  # fully transparent, over black
+    colour = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    colour[:, :10] = 0
+    pictures = {"RGBA": Image.fromarray(np.dstack([colour, alpha]), mode="RGBA"),
+                "LA": Image.fromarray(np.dstack([colour[..., 0], alpha]), mode="LA")}
+    for mode, picture in pictures.items():
+        theirs = processor(picture, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        ours = load_image(picture, 16)
+        assert np.array_equal(ours, theirs), mode
+        assert ours[:, :3].min() > 200, mode  # the transparent band is white, not black

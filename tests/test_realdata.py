@@ -58,6 +58,11 @@ def write_cauldron_parquet(path, rows):
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
+def shard_names(folder):
+    """The shards a preparer wrote (beside them, sources.json records what made each)."""
+    return sorted(n for n in os.listdir(folder) if n.endswith(".bin"))
+
+
 def docs_of(file_index):
     return [f"document {d} of file {file_index}: the cat sat on the mat." for d in range(20)]
 
@@ -76,7 +81,7 @@ def test_text_prepare_writes_documents_joined_by_endoftext_and_resumes(text_repo
     out = tmp_path / "out"
     dclm.main([f"--local_dir={text_repo}", f"--out_dir={out}", "--num_proc=2"])
     tok = Tokenizer()
-    names = sorted(os.listdir(out))
+    names = shard_names(out)
     assert names == ["train_text_00000.bin", "train_text_00001.bin", "train_text_00002.bin", "val_text_00000.bin"]
     for name, file_index in (("train_text_00001.bin", 1), ("val_text_00000.bin", 3)):  # the last file is validation
         shard = read_shard(out / name, expected_kind=TEXT, vocab_size=tok.vocab_size)
@@ -96,7 +101,7 @@ def test_text_prepare_budget_takes_whole_files_in_order(text_repo, tmp_path):
     out = tmp_path / "out"
     one_file = len([i for doc in docs_of(0) for i in Tokenizer().encode(doc)]) + 20
     dclm.main([f"--local_dir={text_repo}", f"--out_dir={out}", f"--max_tokens={one_file + 1}", "--num_proc=2"])
-    assert sorted(os.listdir(out)) == ["train_text_00000.bin", "train_text_00001.bin", "val_text_00000.bin"]
+    assert shard_names(out) == ["train_text_00000.bin", "train_text_00001.bin", "val_text_00000.bin"]
 
 
 def test_text_prepare_names_a_missing_column_and_the_file(tmp_path):
@@ -106,6 +111,25 @@ def test_text_prepare_names_a_missing_column_and_the_file(tmp_path):
         dclm.main([f"--local_dir={tmp_path / 'repo'}", f"--out_dir={tmp_path / 'out'}", "--num_proc=1"])
     with pytest.raises(FileNotFoundError, match="no such folder"):
         dclm.main([f"--local_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_a_second_run_with_other_inputs_redoes_its_shards_and_removes_stale_ones(text_repo, tmp_path, capsys):
+    out = tmp_path / "out"
+    dclm.main([f"--local_dir={text_repo}", f"--out_dir={out}", "--num_proc=2"])
+    other = tmp_path / "other_repo"  # two files of other documents: one to train on, one to validate
+    for i in range(2):
+        write_text_parquet(str(other / f"{i}.parquet"), docs_of(10 + i))
+    capsys.readouterr()
+    dclm.main([f"--local_dir={other}", f"--out_dir={out}", "--num_proc=2"])
+    assert "(0 shards already there)" in capsys.readouterr().err
+    assert shard_names(out) == ["train_text_00000.bin", "val_text_00000.bin"]  # 00001 and 00002 are gone
+    tok = Tokenizer()
+    for name, file_index in (("train_text_00000.bin", 10), ("val_text_00000.bin", 11)):
+        expected = [i for doc in docs_of(file_index) for i in tok.encode(doc) + [tok.eot_id]]
+        assert read_shard(out / name).tokens.tolist() == expected
+    # the same inputs again: nothing is redone
+    dclm.main([f"--local_dir={other}", f"--out_dir={out}", "--num_proc=2"])
+    assert "(1 shards already there)" in capsys.readouterr().err
 
 
 def caption_samples(tar_index):
@@ -140,7 +164,7 @@ def test_caption_prepare_writes_resized_pictures_and_counts_broken_samples(wds_r
     printed = capsys.readouterr().out
     for reason in ("undecodable image", "empty caption", "a {key}.jpg or {key}.txt member missing"):
         assert f"skipped 1 rows: {reason}" in printed
-    names = sorted(os.listdir(out))
+    names = shard_names(out)
     assert inspect_main(["inspect", *(str(out / n) for n in names)]) == 0
     stamps = {n: os.stat(out / n).st_mtime_ns for n in names}
     cc3m.main([f"--local_dir={wds_repo}", f"--out_dir={out}", "--image_size=16"])
@@ -184,7 +208,7 @@ def test_conversation_prepare_maps_turns_to_the_chat_template(tmp_path, capsys):
     printed = capsys.readouterr().out
     for reason in ("several pictures", "no picture", "undecodable picture"):
         assert f"skipped 2 rows: {reason}" in printed
-    names = sorted(os.listdir(out))
+    names = shard_names(out)
     assert len(names) == 4 and inspect_main(["inspect", *(str(out / n) for n in names)]) == 0
 
 

@@ -63,9 +63,10 @@ def cell(sweep_dir, frac, ratio):
 
 
 def file_times(root):
-    """Modification times of every file under root but the results, which each run rewrites."""
+    """Modification times of every file under root but the results, which each run rewrites, and
+    the lock, where each run writes who holds it."""
     return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, _, files in os.walk(root) for f in files if f not in RESULTS}
+            for d, _, files in os.walk(root) for f in files if f not in RESULTS + (".lock",)}
 
 
 @pytest.fixture(scope="module")

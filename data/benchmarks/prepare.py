@@ -61,8 +61,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.atomic import atomic_write, write_text  # noqa: E402
-from data.errors import report_user_errors  # noqa: E402
+from data.atomic import atomic_write, make_folder, write_text  # noqa: E402
+from data.errors import MissingFileError, UserError, report_user_errors  # noqa: E402
+from data.hub import open_parquet  # noqa: E402
 from data.images import load_image  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -220,7 +221,7 @@ def repo_folder(args, spec):
     if args.local_dir:
         folder = os.path.join(args.local_dir, spec["repo"])
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--local_dir: {folder} does not exist (expected {spec['repo']}'s files there, "
+            raise MissingFileError(f"--local_dir: {folder} does not exist (expected {spec['repo']}'s files there, "
                                     f"laid out as in the Hub repository)")
         return folder, "local"
     from huggingface_hub import snapshot_download
@@ -233,18 +234,13 @@ def repo_folder(args, spec):
 def find_files(folder, patterns):
     paths = sorted(p for pattern in patterns for p in glob.glob(os.path.join(folder, pattern)))
     if not paths:
-        raise FileNotFoundError(f"{folder}: no files match {', '.join(patterns)}")
+        raise MissingFileError(f"{folder}: no files match {', '.join(patterns)}")
     return paths
 
 
 def read_rows(path, columns):
     """Yields the rows of one parquet file as dicts of the named columns, a batch at a time."""
-    import pyarrow.parquet as pq
-    parquet = pq.ParquetFile(path)
-    missing = [c for c in columns if c not in parquet.schema_arrow.names]
-    if missing:
-        raise ValueError(f"{path}: missing column {', '.join(map(repr, missing))} "
-                         f"(it has {', '.join(parquet.schema_arrow.names)})")
+    parquet = open_parquet(path, columns)
     for batch in parquet.iter_batches(columns=columns, batch_size=256):
         yield from batch.to_pylist()
 
@@ -344,7 +340,7 @@ def build_task(name, spec, args):
         # ARC has a few 3- and 5-option questions, so chance is the mean of 1/options
         task["chance"] = float(np.mean([1 / len(item["options"]) for item in items])) if items else 0.0
     if not items:
-        raise ValueError(f"{name}: no usable rows in {', '.join(files)} (skipped: {dict(skipped)})")
+        raise UserError(f"{name}: no usable rows in {', '.join(files)} (skipped: {dict(skipped)})")
     task["description"] = f"{spec['repo']} {', '.join(spec['files'])}; {spec['harness']}"
     task["source"] = {"repo": spec["repo"], "revision": spec["revision"], "commit": commit, "rows": n_rows,
                       "files": [os.path.relpath(f, folder) for f in files]}
@@ -423,17 +419,18 @@ def main(argv=None):
     names = [n for n in args.tasks.split(",") if n]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise ValueError(f"--tasks: unknown task {', '.join(unknown) or '(none given)'}; "
+        raise UserError(f"--tasks: unknown task {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(TASKS)}")
-    if args.image_size < 8:
-        raise ValueError(f"--image_size must be at least 8, got {args.image_size}")
+    if args.image_size < 8 or args.workers < 1:
+        raise UserError(f"--image_size must be at least 8 (got {args.image_size}) and --workers positive "
+                        f"(got {args.workers})")
     specs = {n: dict(TASKS[n]) for n in names}
     for override in args.revision:
         task, _, commit = override.partition("=")
         if task not in specs or not commit:
-            raise ValueError(f"--revision {override!r}: expected TASK=COMMIT with TASK one of {', '.join(names)}")
+            raise UserError(f"--revision {override!r}: expected TASK=COMMIT with TASK one of {', '.join(names)}")
         specs[task]["revision"] = commit
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir, "--out_dir")
 
     for name, spec in specs.items():
         path = os.path.join(args.out_dir, f"eval_{name}.json")

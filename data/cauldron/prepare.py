@@ -34,9 +34,11 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
+from data.atomic import make_folder  # noqa: E402
+from data.hub import (add_hub_args, done_with, fetch, list_files, open_parquet, remove_stale, report,  # noqa: E402
+                      run_jobs)
 from data.images import load_image  # noqa: E402
-from data.errors import report_user_errors  # noqa: E402
+from data.errors import UserError, report_user_errors  # noqa: E402
 from data.shards import write_conversation_shard  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 
@@ -71,12 +73,8 @@ def conversation_of(row, tok, image_size, skipped):
 
 def convert_file(args, path, out_path, val_path):
     """One parquet file -> a training and a validation conversation shard. Returns skipped rows by reason."""
-    import pyarrow.parquet as pq
     local = fetch(args, path)
-    parquet = pq.ParquetFile(local)
-    for column in ("images", "texts"):
-        if column not in parquet.schema_arrow.names:
-            raise ValueError(f"{local}: no column {column!r} (its columns: {', '.join(parquet.schema_arrow.names)})")
+    parquet = open_parquet(local, ["images", "texts"])
     tok = Tokenizer()
     skipped = Counter()
     splits = {"train": ([], [], []), "val": ([], [], [])}
@@ -107,22 +105,26 @@ def main(argv=None):
     parser.add_argument("--max_samples", type=int, default=0, help="stop after the training shards hold at "
                         "least this many conversations, in whole files (0: all)")
     args = parser.parse_args(argv)
-    if args.image_size < 1 or args.val_every < 2:
-        parser.error("--image_size must be positive and --val_every at least 2")
-    files = {subset: list_files(args, [f"{subset}/*.parquet"])
-             for subset in [s.strip() for s in args.subsets.split(",") if s.strip()]}
+    if args.image_size < 8 or args.val_every < 2 or args.num_proc < 1:
+        raise UserError(f"--image_size must be at least 8 (got {args.image_size}), --val_every at least 2 "
+                        f"(got {args.val_every}) and --num_proc positive (got {args.num_proc})")
+    subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
+    if not subsets:
+        raise UserError("--subsets names no subset")
+    files = {subset: list_files(args, [f"{subset}/*.parquet"]) for subset in subsets}
     jobs = []  # subsets take turns, file by file, so that a --max_samples slice mixes them all
     for i in range(max(len(paths) for paths in files.values())):
         for subset, paths in files.items():
             if i < len(paths):
                 out, val = (os.path.join(args.out_dir, f"{split}_chat_{subset}_{i:05d}.bin") for split in ("train", "val"))
                 jobs.append((out, (args, paths[i], out, val)))
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir, "--out_dir")
     n, skipped = run_jobs(convert_file, jobs, args.num_proc, lambda shard: shard.num_samples, args.max_samples,
                           unit="conversations")
     for out, (_, _, _, val) in jobs:
         if not os.path.exists(out) and os.path.exists(val):
             os.remove(val)  # a job cancelled by --max_samples: its validation rows go with it
+    remove_stale(args.out_dir, ["train_chat_*.bin", "val_chat_*.bin"], [p for _, job in jobs for p in job[2:]])
     report("training", n, "conversations", skipped, args.out_dir)
 
 

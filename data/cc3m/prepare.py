@@ -26,9 +26,10 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
+from data.atomic import make_folder  # noqa: E402
+from data.hub import add_hub_args, done_with, fetch, list_files, remove_stale, report, run_jobs  # noqa: E402
 from data.images import load_image  # noqa: E402
-from data.errors import report_user_errors  # noqa: E402
+from data.errors import UserError, report_user_errors  # noqa: E402
 from data.shards import write_image_caption_shard  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 
@@ -50,7 +51,7 @@ def samples_of(tar, local, image_ext, caption_ext):
             samples.setdefault(os.path.join(folder, key), {})[ext] = member
     for ext in (image_ext, caption_ext):
         if not any(ext in s for s in samples.values()):
-            raise ValueError(f"{local}: no {{key}}.{ext} members (a webdataset tar of {{key}}.{image_ext} + "
+            raise UserError(f"{local}: no {{key}}.{ext} members (a webdataset tar of {{key}}.{image_ext} + "
                              f"{{key}}.{caption_ext} pairs was expected)")
     return samples
 
@@ -60,7 +61,11 @@ def convert_tar(args, path, out_path):
     local = fetch(args, path)
     tok = Tokenizer()
     skipped = Counter()
-    with tarfile.open(local) as tar:
+    try:
+        tar = tarfile.open(local)
+    except (tarfile.TarError, OSError) as e:
+        raise UserError(f"{local}: not a readable tar file ({type(e).__name__})") from None
+    with tar:
         samples = samples_of(tar, local, args.image_ext, args.caption_ext)
         images = np.empty((len(samples), args.image_size, args.image_size, 3), dtype=np.uint8)
         captions = []
@@ -99,16 +104,17 @@ def main(argv=None):
     parser.add_argument("--max_samples", type=int, default=0, help="stop after the training shards hold at "
                         "least this many pairs, in whole tars (0: the whole dataset)")
     args = parser.parse_args(argv)
-    if args.image_size < 1:
-        parser.error("--image_size must be positive")
+    if args.image_size < 8 or args.num_proc < 1:
+        raise UserError(f"--image_size must be at least 8 (got {args.image_size}) and --num_proc positive "
+                        f"(got {args.num_proc})")
     train = list_files(args, [args.train_pattern])
     val = list_files(args, [args.val_pattern]) if args.val_pattern else []
     if not val:
         if len(train) < 2:
-            raise ValueError(f"{args.local_dir or args.repo_id}: no validation tars and only {len(train)} "
+            raise UserError(f"{args.local_dir or args.repo_id}: no validation tars and only {len(train)} "
                              "training tar to hold one out from")
         train, val = train[:-1], train[-1:]
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir, "--out_dir")
     shard_samples = lambda shard: shard.num_samples  # noqa: E731
 
     val_path = os.path.join(args.out_dir, "val_caption_00000.bin")
@@ -117,6 +123,7 @@ def main(argv=None):
     paths = [os.path.join(args.out_dir, f"train_caption_{i:05d}.bin") for i in range(len(train))]
     jobs = [(p, (args, f, p)) for p, f in zip(paths, train)]
     n, skipped = run_jobs(convert_tar, jobs, args.num_proc, shard_samples, args.max_samples, unit="pairs")
+    remove_stale(args.out_dir, ["train_caption_*.bin"], paths)
     report("validation", val_n, "pairs", val_skipped, args.out_dir)
     report("training", n, "pairs", skipped, args.out_dir)
 

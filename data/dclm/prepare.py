@@ -20,9 +20,11 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.hub import add_hub_args, done_with, fetch, list_files, report, run_jobs  # noqa: E402
+from data.atomic import make_folder  # noqa: E402
+from data.hub import (add_hub_args, done_with, fetch, list_files, open_parquet, remove_stale, report,  # noqa: E402
+                      run_jobs)
 from data.shards import write_text_shard  # noqa: E402
-from data.errors import report_user_errors  # noqa: E402
+from data.errors import UserError, report_user_errors  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,14 +35,11 @@ PATTERNS = ["*.parquet"]
 
 def tokenize_file(args, path, out_path):
     """One parquet file -> one text shard. Returns the skipped rows by reason."""
-    import pyarrow.parquet as pq
     local = fetch(args, path)
-    parquet = pq.ParquetFile(local)
+    parquet = open_parquet(local, [args.column])
     schema = parquet.schema_arrow
-    if args.column not in schema.names:
-        raise ValueError(f"{local}: no column {args.column!r} (its columns: {', '.join(schema.names)})")
     if str(schema.field(args.column).type) not in ("string", "large_string"):
-        raise ValueError(f"{local}: column {args.column!r} holds {schema.field(args.column).type}, not strings")
+        raise UserError(f"{local}: column {args.column!r} holds {schema.field(args.column).type}, not strings")
     tok = Tokenizer()
     chunks, skipped = [], Counter()
     for batch in parquet.iter_batches(columns=[args.column], batch_size=1024):
@@ -62,11 +61,14 @@ def main(argv=None, repo_id=REPO_ID, revision=REVISION, patterns=PATTERNS, out_d
     parser.add_argument("--max_tokens", type=int, default=0, help="stop after the training shards hold at least "
                         "this many tokens, in whole input files (0: the whole dataset)")
     args = parser.parse_args(argv)
+    if args.num_proc < 1 or args.max_tokens < 0:
+        raise UserError(f"--num_proc must be positive (got {args.num_proc}) and --max_tokens not negative "
+                        f"(got {args.max_tokens})")
     files = list_files(args, patterns)
     if len(files) < 2:
-        raise ValueError(f"{args.local_dir or args.repo_id}: need at least 2 parquet files (the last one is "
+        raise UserError(f"{args.local_dir or args.repo_id}: need at least 2 parquet files (the last one is "
                          f"the validation set), found {len(files)}")
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir, "--out_dir")
     shard_tokens = lambda shard: shard.num_tokens  # noqa: E731
 
     val = os.path.join(args.out_dir, "val_text_00000.bin")
@@ -74,6 +76,7 @@ def main(argv=None, repo_id=REPO_ID, revision=REVISION, patterns=PATTERNS, out_d
     train = [os.path.join(args.out_dir, f"train_text_{i:05d}.bin") for i in range(len(files) - 1)]
     jobs = [(p, (args, f, p)) for p, f in zip(train, files[:-1])]
     tokens, train_skipped = run_jobs(tokenize_file, jobs, args.num_proc, shard_tokens, args.max_tokens)
+    remove_stale(args.out_dir, ["train_text_*.bin"], train)
     report("validation", val_tokens, "tokens", val_skipped, args.out_dir)
     report("training", tokens, "tokens", train_skipped, args.out_dir)
 
