@@ -78,7 +78,8 @@ class Tokenizer:
             return [self._to_model[i] for i in cl100k_ids]
         except KeyError as e:
             raise ValueError(f"text {text[:60]!r} uses cl100k id {e.args[0]}, which is not in "
-                             "this dataset's compact vocabulary") from None
+                             "this dataset's compact vocabulary (data/own/prepare.py --vocab=CKPT extends a "
+                             "checkpoint's vocabulary with new words)") from None
 
     def encode(self, text):
         """Plain text to ids. A special token's spelling in the text stays plain text."""

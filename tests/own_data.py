@@ -99,6 +99,6 @@ def make_own_dataset(root, size=32):
                   "answer": "yes" if c == scenes[i][1] else "no"} for i in held_out for c in ("red", "teal")]
                 + [{"image": "pics/broken.jpg", "question": "Does it contain a red shape?", "answer": "no"}])
     return {"chat": os.path.join(root, "train.json"), "captions_jsonl": os.path.join(root, "captions.jsonl"),
-            "more_captions.csv": os.path.join(root, "more_captions.csv"), "captions_folder": folder,
+            "captions_csv": os.path.join(root, "more_captions.csv"), "captions_folder": folder,
             "eval_open": os.path.join(root, "test_open.jsonl"), "eval_mc": os.path.join(root, "test_mc.jsonl"),
             "eval_yn": os.path.join(root, "test_yn.jsonl")}

@@ -40,7 +40,8 @@ used (no image, a missing or undecodable image file, an empty caption or turn, a
 not among the options, ...) are skipped and counted by reason; a file that cannot be read at all
 stops it with one line naming the file. Shards hold --shard_rows rows of a file each, written on
 --num_proc processes; a re-run skips shards and tasks already written (meta.json, written first,
-pins the vocabulary and image size, so a re-run with other ones is refused instead of mixing them).
+pins the vocabulary and image size: a re-run, with these files or new ones, keeps them, and is
+refused where its files need words the vocabulary lacks or pictures of another size).
 """
 
 import argparse
@@ -381,16 +382,28 @@ def texts_of(kind, samples):
             yield from ("yes", "no")  # what a yes/no task compares
 
 
-def check_out_dir(meta_path, meta):
-    """A re-run must use the vocabulary and image size that the files already there were written with."""
+def vocab_already_there(meta_path, vocab, image_size):
+    """On a re-run, the vocabulary that the files already in the folder were written with: it must
+    spell everything `vocab` does (a re-run with the same files, or some of them, or new files in
+    the same words), and the pictures must keep their size; anything else is refused rather than
+    mixing two vocabularies in one folder."""
     if not os.path.exists(meta_path):
-        return
+        return vocab
     with open(meta_path) as f:
         before = json.load(f)
-    for key, what in (("compact_vocab", "vocabulary"), ("image_size", "image size")):
-        if before.get(key) != meta[key]:
-            raise UserError(f"{meta_path}: this folder was prepared with another {what}; give another "
-                            "--out_dir, or delete the folder to prepare it afresh")
+    old = before.get("compact_vocab")
+    if before.get("image_size") != [image_size, image_size]:
+        problem = f"pictures of {before.get('image_size')}"
+    elif old is None and vocab is not None:
+        problem = "the full vocabulary"
+    elif old is not None and vocab is None:
+        problem = "a compact vocabulary, not the full one"
+    elif vocab is not None and not set(vocab) <= set(old):
+        problem = "a vocabulary that lacks words these files use"
+    else:
+        return old
+    raise UserError(f"{meta_path}: this folder was prepared with {problem}; give another --out_dir, or delete "
+                    "the folder to prepare it afresh")
 
 
 def main(argv=None):
@@ -454,13 +467,13 @@ def main(argv=None):
         vocab = Tokenizer.cl100k_ids_of(texts)
     else:
         vocab = extended_vocab(base_vocab, texts)
+    os.makedirs(args.out_dir, exist_ok=True)
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    vocab = vocab_already_there(meta_path, vocab, image_size)
     added = 0 if base_vocab is None or vocab is None else len(vocab) - len(base_vocab)
     meta = {"format": 1, "tokenizer": "cl100k_base", "compact_vocab": vocab,
             "vocab_size": Tokenizer(vocab).vocab_size, "image_size": [image_size, image_size],
             "vocab_from": args.vocab, "added_to_checkpoint_vocab": added}
-    os.makedirs(args.out_dir, exist_ok=True)
-    meta_path = os.path.join(args.out_dir, "meta.json")
-    check_out_dir(meta_path, meta)
     write_json(meta_path, meta)
     source = {"full": "cl100k_base", "compact": "the ids these files use"}.get(args.vocab, f"{args.vocab}'s, "
                                                                                              f"{added:,} ids added")
