@@ -538,6 +538,9 @@ def main(argv):
     if settings["max_items"] < 0:
         raise UserError(f"max_items must be 0 (every item) or positive, got {settings['max_items']}")
     s = settings
+    dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = autocast_context(torch.device(dev).type, s["dtype"])
+    model, tokenizer = load_model(s["ckpt"], dev)
     if not os.path.isdir(s["data_dir"]):
         raise MissingFileError(f"data_dir {s['data_dir']}: no such folder")
     names = s["tasks"].split(",") if s["tasks"] else sorted(
@@ -548,9 +551,6 @@ def main(argv):
     for name, path in zip(names, paths):
         if not os.path.exists(path):
             raise MissingFileError(f"task {name!r}: {path} does not exist")
-    dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = autocast_context(torch.device(dev).type, s["dtype"])
-    model, tokenizer = load_model(s["ckpt"], dev)
     image_stores = {}  # picture file -> its memory map, opened once and shared by the tasks naming it
     loaded = [load_task(path, s["max_items"], tokenizer, model.config, image_stores) for path in paths]
     val_files = find_shards(s["data_dir"], s["val_text"], hint='val_text="" skips the text validation loss') \

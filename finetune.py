@@ -161,8 +161,8 @@ if train_loader.image_size != (model_config.image_size,) * 2:
 # text; a few rows of pretraining text in every batch keep it (text_rows).
 text_loader = None if text_rows == 0 else PretrainLoader(
     text_files=find_shards(data_dir, train_text, hint=f"text_rows={text_rows} mixes rows of plain text into each "
-                           "batch; to fine-tune on conversations only, set --text_rows=0"), tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len,
-    rank=rank, world_size=world_size, device=device)
+                           "batch; to fine-tune on conversations only, set --text_rows=0"),
+    tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len, rank=rank, world_size=world_size, device=device)
 
 
 def next_batch():
