@@ -20,8 +20,7 @@ from data.tokenizer import Tokenizer, vocab_growth
 from data.toyworld.prepare import compact_vocab
 from model import VLM, ModelConfig
 from tests.own_data import make_own_dataset, scene_facts
-from tests.test_pipeline import MODEL, run
-from tests.tiny_data import ROOT
+from tests.test_pipeline import run
 
 
 def test_vocab_growth_moves_old_rows_and_refuses_to_lose_tokens():
