@@ -24,7 +24,13 @@ Vision prompts use the chat template after the image (the model is evaluated aft
 instruction tuning, as in the study); text prompts are plain language-model completions.
 Each task's "stable score" is accuracy minus chance, in points; the table ends with the vision,
 text and overall averages of those scores, and the text validation loss in bits per byte.
-Results go next to the checkpoint: <ckpt>.eval.json and <ckpt>.eval.md.
+Beside chance, each task reports its majority-answer baseline (the answer most often right in its
+own items, always given), and items with an "answer_type" get a breakdown by it.
+Results go next to the checkpoint: <ckpt>.eval.json and <ckpt>.eval.md, and every item's
+prediction and score in <ckpt>.eval.<task>.jsonl, one JSON object a line (its index and "id",
+the prediction or chosen option, the answer, the score, its "answer_type" or "category").
+Every task is read and checked against the model (its kind, metric, options, answers, pictures
+and vocabulary) before any is scored: a bad one stops the run with one line naming the file.
 """
 
 import json
@@ -35,6 +41,7 @@ import statistics
 import string
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -260,8 +267,28 @@ def greedy_answers(model, prompts, image_store, stop_id, device, autocast, batch
     return answers
 
 
+def majority_baseline(task, items):
+    """(answer, accuracy) of always giving the answer most often right in these items, the floor a
+    model that ignores the picture and the question reaches on this set (above chance where
+    answers are unbalanced): for open answers the commonest reference (scored by the task's
+    metric), for yes/no the commoner of the two, for multiple choice the option position most
+    often right (the commonest answer when every item offers the same options)."""
+    kind = task["kind"]
+    if kind == "open":
+        answer = Counter(r.strip().lower() for item in items for r in set(item["answer"])).most_common(1)[0][0]
+        metric = OPEN_METRICS[task.get("metric", "vqa")]
+        return answer, float(np.mean([metric(answer, item["answer"]) for item in items]))
+    position, n = Counter(item["answer"] for item in items).most_common(1)[0]
+    if kind == "multiple_choice" and all(item["options"] == items[0]["options"] for item in items):
+        position = items[0]["options"][position]
+    elif kind == "multiple_choice":
+        position = f"option {position + 1}"
+    return position, n / len(items)
+
+
 def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_size, max_new):
-    """Scores one task; returns a dict of its metrics."""
+    """Scores one task; returns a dict of its metrics, with every item's prediction and score
+    under "predictions"."""
     items = task["items"]
     vision = task["modality"] == "vision"
     P = model.config.tokens_per_image
@@ -298,34 +325,48 @@ def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_s
             start += n
         if kind == "multiple_choice":
             answers = [item["answer"] for item in items]
-            result["accuracy"] = float(np.mean([raw == a for (raw, _), a in zip(picks, answers)]))
+            scores = [float(raw == a) for (raw, _), a in zip(picks, answers)]
             result["acc_norm"] = float(np.mean([normed == a for (_, normed), a in zip(picks, answers)]))
+            predictions = [{"option": raw, "prediction": item["options"][raw], "option_norm": normed,
+                            "answer": item["options"][item["answer"]]} for (raw, normed), item in zip(picks, items)]
         else:
             # lmms-eval generates an answer and compares its text with "yes"/"no"; we compare the
             # likelihoods of the two, so every prediction is one of them. The ways differ only where
             # the greedy answer is neither word, or not the likelier of the two.
             said = ["yes" if raw == 0 else "no" for raw, _ in picks]
             truth = [item["answer"] for item in items]
+            scores = [float(p == a) for p, a in zip(said, truth)]
             result.update(pope_metrics(said, truth))
             for c in sorted({item["category"] for item in items if "category" in item}):  # POPE's three
                 which = [i for i, item in enumerate(items) if item.get("category") == c]
                 result.setdefault("categories", {})[c] = {
                     "n": len(which), **pope_metrics([said[i] for i in which], [truth[i] for i in which])}
-    elif kind == "open":
+            predictions = [{"prediction": p, "answer": a} for p, a in zip(said, truth)]
+    else:
         metric = task.get("metric", "vqa")
-        if metric not in OPEN_METRICS:
-            raise ValueError(f"task {task['name']}: unknown metric {metric!r} (expected one of {sorted(OPEN_METRICS)})")
         prompts = [(prompt_ids(item), image_of(item)) for item in items]
         answers = greedy_answers(model, prompts, image_store, tokenizer.end_id, device, autocast, batch_size,
                                  max_new, Progress(task["name"], len(prompts)))
         texts = [tokenizer.decode(a) for a in answers]
         result["metric"] = metric
-        result["accuracy"] = float(np.mean([OPEN_METRICS[metric](t, item["answer"]) for t, item in zip(texts, items)]))
+        scores = [OPEN_METRICS[metric](t, item["answer"]) for t, item in zip(texts, items)]
         result["examples"] = [{"prompt": item["prompt"], "answer": t, "references": item["answer"]}
                               for t, item in list(zip(texts, items))[:5]]
-    else:
-        raise ValueError(f"task {task['name']}: unknown kind {kind!r}")
+        predictions = [{"prediction": t, "answer": item["answer"]} for t, item in zip(texts, items)]
+    result["accuracy"] = float(np.mean(scores))
     result["stable"] = stable_score(result["accuracy"], result["chance"])
+    result["majority_answer"], result["majority"] = majority_baseline(task, items)
+    types = sorted({item["answer_type"] for item in items if "answer_type" in item})
+    for t in types:  # a breakdown when the items say what kind of answer each wants (VQA's answer_type)
+        which = [i for i, item in enumerate(items) if item.get("answer_type") == t]
+        answer, majority = majority_baseline(task, [items[i] for i in which])
+        result.setdefault("answer_types", {})[t] = {
+            "n": len(which), "accuracy": float(np.mean([scores[i] for i in which])), "majority_answer": answer,
+            "majority": majority}
+    result["predictions"] = [
+        {"index": i, **({"id": item["id"]} if "id" in item else {}), **prediction, "score": score,
+         **{key: item[key] for key in ("answer_type", "category") if key in item}}
+        for i, (item, prediction, score) in enumerate(zip(items, predictions, scores))]
     return result
 
 
@@ -382,6 +423,17 @@ def markdown_table(results, summary, bpb):
                 lines.append(f"| {r['name']} | {category} | {m['n']} | " + " | ".join(
                     f"{100 * m[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "said_yes"))
                     + " |")
+    lines += ["\nBaseline: the majority answer, always given (the commonest reference, the commoner of yes and no, "
+              "or the option position most often right), scored on the same items.\n",
+              "| task | majority answer | majority | chance | model |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['name']} | {r['majority_answer']} | {100 * r['majority']:.1f} | {100 * r['chance']:.1f} "
+              f"| {100 * r['accuracy']:.1f} |" for r in results]
+    typed = [r for r in results if "answer_types" in r]
+    if typed:
+        lines += ["\nBy answer type (the items' \"answer_type\"; the majority answer within each type):\n",
+                  "| task | answer type | n | majority answer | majority | model |", "|---|---|---:|---|---:|---:|"]
+        lines += [f"| {r['name']} | {t} | {m['n']} | {m['majority_answer']} | {100 * m['majority']:.1f} "
+                  f"| {100 * m['accuracy']:.1f} |" for r in typed for t, m in r["answer_types"].items()]
     if bpb is not None:
         lines.append(f"\nText validation loss: {bpb:.4f} bits per byte.")
     return "\n".join(lines)
@@ -396,6 +448,87 @@ def load_model(path, device):
     return model, Tokenizer(checkpoint.get("compact_vocab"))
 
 
+KINDS = ("multiple_choice", "open", "yes_no")
+
+
+def load_task(path, max_items, tokenizer, model_config, image_stores):
+    """A task file, checked against the model before anything is scored: (task, its pictures or
+    None). Every problem is a UserError naming the file (and the item), so a bad task costs one
+    line at start-up, not a traceback or a NaN after the tasks before it ran."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            task = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid JSON task file ({e})") from None
+    if not isinstance(task, dict):
+        raise UserError(f"{path}: a task is a JSON object with modality, kind, chance and items; got a JSON "
+                        f"{type(task).__name__}")
+    task.setdefault("name", os.path.basename(path)[len("eval_"):-len(".json")])
+    if task.get("modality") not in ("vision", "text"):
+        raise UserError(f"{path}: modality {task.get('modality')!r} (expected 'vision' or 'text')")
+    if task.get("kind") not in KINDS:
+        raise UserError(f"{path}: unknown kind {task.get('kind')!r} (expected one of {', '.join(KINDS)})")
+    if task["kind"] == "open" and task.get("metric", "vqa") not in OPEN_METRICS:
+        raise UserError(f"{path}: unknown metric {task['metric']!r} (expected one of {', '.join(OPEN_METRICS)})")
+    chance = task.get("chance")
+    if not isinstance(chance, (int, float)) or not 0 <= chance < 1:
+        raise UserError(f"{path}: chance {chance!r} (expected a number in [0, 1))")
+    items = task.get("items")
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path}: no items to score")
+    task["items"] = items = items[:max_items] if max_items > 0 else items
+    vision = task["modality"] == "vision"
+    image_store = None
+    if vision:  # memory-mapped: only the pictures a batch uses are read
+        image_path = os.path.join(os.path.dirname(path), task.get("images", "eval_images.npy"))
+        if image_path not in image_stores:
+            image_stores[image_path] = load_pictures(image_path, model_config.image_size)
+        image_store = image_stores[image_path]
+    delimiter = task.get("delimiter", "" if vision else " ") if task["kind"] == "multiple_choice" else ""
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise UserError(f"{where}: an item is an object with a text \"prompt\"")
+        if vision and not (isinstance(item.get("image"), int) and 0 <= item["image"] < len(image_store)):
+            raise UserError(f"{where}: image {item.get('image')!r} is not a row of its {len(image_store)} pictures")
+        answer, options = item.get("answer"), item.get("options")
+        if task["kind"] == "multiple_choice":
+            if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+                raise UserError(f"{where}: options {options!r} (expected a list of non-empty texts)")
+            if not (isinstance(answer, int) and 0 <= answer < len(options)):
+                raise UserError(f"{where}: answer {answer!r} is not the index of one of its {len(options)} options")
+        elif task["kind"] == "yes_no" and answer not in ("yes", "no"):
+            raise UserError(f"{where}: answer {answer!r} (expected 'yes' or 'no')")
+        elif task["kind"] == "open" and not (isinstance(answer, list) and answer
+                                             and all(isinstance(a, str) for a in answer)):
+            raise UserError(f"{where}: answer {answer!r} (expected a list of reference answers)")
+        continuations = {"multiple_choice": options, "yes_no": ["yes", "no"], "open": []}[task["kind"]]
+        try:  # every text the scoring encodes, so that a word outside the vocabulary stops us here
+            tokenizer.encode(item["prompt"])
+            for option in continuations:
+                tokenizer.encode(delimiter + option if vision else item["prompt"] + delimiter + option)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+    return task, image_store
+
+
+def load_pictures(path, image_size):
+    """A task's pictures, memory-mapped, checked to be uint8 [N, image_size, image_size, 3]."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"{path}: no such picture file")
+    try:
+        pictures = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: not a .npy array of pictures ({e})") from None
+    if pictures.dtype != np.uint8 or pictures.ndim != 4 or pictures.shape[3] != 3:
+        raise UserError(f"{path}: holds {pictures.dtype} {list(pictures.shape)}, expected uint8 [N, H, W, 3] RGB "
+                        "pictures (prepare them with data/images.py's load_image)")
+    if pictures.shape[1:3] != (image_size, image_size):
+        raise UserError(f"{path}: pictures are {pictures.shape[1]}x{pictures.shape[2]}, the model expects "
+                        f"{image_size}x{image_size} (prepare the task with --image_size={image_size})")
+    return pictures
+
+
 def main(argv):
     settings = dict(ckpt=ckpt, data_dir=data_dir, tasks=tasks, max_items=max_items, batch_size=batch_size,
                     max_new_tokens=max_new_tokens, val_text=val_text, bpb_batches=bpb_batches, device=device,
@@ -408,35 +541,29 @@ def main(argv):
     dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = autocast_context(torch.device(dev).type, s["dtype"])
     model, tokenizer = load_model(s["ckpt"], dev)
+    if not os.path.isdir(s["data_dir"]):
+        raise MissingFileError(f"data_dir {s['data_dir']}: no such folder")
     names = s["tasks"].split(",") if s["tasks"] else sorted(
         f[len("eval_"):-len(".json")] for f in os.listdir(s["data_dir"]) if f.startswith("eval_") and f.endswith(".json"))
     if not names:
         raise MissingFileError(f"no eval_*.json tasks in {s['data_dir']}")
-    image_stores = {}  # image file -> its memory map, opened once and shared by the tasks naming it
-    results = []
-    for name in names:
-        path = os.path.join(s["data_dir"], f"eval_{name}.json")
+    paths = [os.path.join(s["data_dir"], f"eval_{name}.json") for name in names]
+    for name, path in zip(names, paths):
         if not os.path.exists(path):
             raise MissingFileError(f"task {name!r}: {path} does not exist")
-        with open(path) as f:
-            task = json.load(f)
-        if s["max_items"] > 0:
-            task["items"] = task["items"][:s["max_items"]]
-        image_store = None
-        if task["modality"] == "vision":  # memory-mapped: only the pictures a batch uses are read
-            image_path = os.path.join(s["data_dir"], task.get("images", "eval_images.npy"))
-            if not os.path.exists(image_path):
-                raise MissingFileError(f"task {name!r} needs images, but {image_path} does not exist")
-            if image_path not in image_stores:
-                image_stores[image_path] = np.load(image_path, mmap_mode="r")
-            image_store = image_stores[image_path]
-        results.append(evaluate_task(task, model, tokenizer, image_store, dev, autocast, s["batch_size"],
-                                     s["max_new_tokens"]))
+    image_stores = {}  # picture file -> its memory map, opened once and shared by the tasks naming it
+    loaded = [load_task(path, s["max_items"], tokenizer, model.config, image_stores) for path in paths]
+    val_files = find_shards(s["data_dir"], s["val_text"], hint='val_text="" skips the text validation loss') \
+        if s["val_text"] else None
+    results = [evaluate_task(task, model, tokenizer, image_store, dev, autocast, s["batch_size"], s["max_new_tokens"])
+               for task, image_store in loaded]
+    for r in results:  # every item's prediction, one JSON object a line, for analysis beyond the table
+        r["predictions_file"] = f"{s['ckpt']}.eval.{r['name']}.jsonl"
+        write_text(r["predictions_file"], "".join(json.dumps(p) + "\n" for p in r.pop("predictions")))
     summary = summarize(results)
     bpb = None
-    if s["val_text"]:
-        bpb = bits_per_byte(model, tokenizer, find_shards(s["data_dir"], s["val_text"]), model.config.block_size,
-                            s["bpb_batches"], dev, autocast, 8)
+    if val_files:
+        bpb = bits_per_byte(model, tokenizer, val_files, model.config.block_size, s["bpb_batches"], dev, autocast, 8)
     table = markdown_table(results, summary, bpb)
     print(table)
     report = {"ckpt": s["ckpt"], "tasks": results, **summary, "val_text_bpb": bpb}

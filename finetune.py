@@ -26,7 +26,7 @@ from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import ConversationLoader, PretrainLoader
 from data.shards import find_shards, fingerprint
-from data.tokenizer import load_tokenizer
+from data.tokenizer import load_tokenizer, vocab_growth
 from model import VLM, ModelConfig, configure_optimizer
 
 # -----------------------------------------------------------------------------
@@ -113,8 +113,36 @@ checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt") if resume else ini
 if resume:
     check_same_settings(checkpoint["config"], config, RUN_ONLY_SETTINGS, os.path.join(out_dir, "ckpt.pt"))
 tokenizer = load_tokenizer(data_dir)
-if checkpoint.get("compact_vocab") != tokenizer.compact_vocab:
-    raise UserError(f"{init_from} was trained with another vocabulary than {data_dir}'s")
+
+
+def grow_vocabulary(checkpoint):
+    """Fits the checkpoint's token rows to the data's vocabulary. Data prepared with
+    `data/own/prepare.py --vocab=CKPT` spells new words with ids the checkpoint lacks: each added
+    id gets an embedding and an output row at the mean of the existing ones (an average token,
+    no likelier than the others at first), and the old rows move to their tokens' new ids. A
+    vocabulary that drops some of the checkpoint's tokens is refused, as is any change on resume."""
+    old, new = checkpoint.get("compact_vocab"), tokenizer.compact_vocab
+    if old == new:
+        return
+    try:
+        if resume:
+            raise ValueError("a resumed run keeps its vocabulary")
+        source = torch.tensor(vocab_growth(old, new))
+    except ValueError as e:
+        raise UserError(f"{init_from} was trained with another vocabulary than {data_dir}'s: {e}") from None
+    added = source < 0
+    for key in ("wte.weight", "lm_head.weight"):  # both keys even when tied: they hold the same rows
+        rows = checkpoint["model"][key]
+        grown = rows[source.clamp(min=0)]
+        grown[added] = rows.float().mean(0).to(rows.dtype)
+        checkpoint["model"][key] = grown
+    checkpoint["model_config"].update(vocab_size=len(source), image_token_id=tokenizer.image_id)  # ids moved
+    if master:
+        print(f"vocabulary: {len(source) - int(added.sum()):,} tokens of {init_from} and {int(added.sum()):,} "
+              f"new ones from {data_dir}, initialised at the mean of the existing rows")
+
+
+grow_vocabulary(checkpoint)
 model_config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": use_kernels and device_type == "cuda"})
 seq_len = seq_len or model_config.block_size
 if seq_len > model_config.block_size:
@@ -144,8 +172,9 @@ if train_loader.image_size != (model_config.image_size,) * 2:
 # Chat-only fine-tuning at a toy model's learning rates erases what pretraining taught about
 # text; a few rows of pretraining text in every batch keep it (text_rows).
 text_loader = None if text_rows == 0 else PretrainLoader(
-    text_files=find_shards(data_dir, train_text), tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len,
-    rank=rank, world_size=world_size, device=device)
+    text_files=find_shards(data_dir, train_text, hint=f"text_rows={text_rows} mixes rows of plain text into each "
+                           "batch; to fine-tune on conversations only, set --text_rows=0"),
+    tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len, rank=rank, world_size=world_size, device=device)
 train_data = {name: fingerprint(find_shards(data_dir, config[name])) for name in ("train_chat", "train_text")
               if name != "train_text" or text_loader is not None}  # what a resume compares, as in pretrain.py
 if resume:

@@ -164,12 +164,12 @@ def write_conversation_shard(path, images, conversations, loss_masks, vocab_size
     _write(path, CONVERSATION, vocab_size, tokens, images, offsets, mask)
 
 
-def find_shards(data_dir, pattern):
-    """The shard files matching `pattern` inside data_dir, sorted (so every rank agrees)."""
+def find_shards(data_dir, pattern, hint="for the toy world, run: python data/toyworld/prepare.py"):
+    """The shard files matching `pattern` inside data_dir, sorted (so every rank agrees). `hint`
+    ends the error when there are none: what the user may do about it."""
     files = sorted(glob.glob(os.path.join(data_dir, pattern)))
     if not files:
-        raise MissingFileError(f"no shards match {os.path.join(data_dir, pattern)} "
-                               "(for the toy world, run: python data/toyworld/prepare.py)")
+        raise MissingFileError(f"no shards match {os.path.join(data_dir, pattern)} ({hint})")
     return files
 
 

@@ -78,7 +78,8 @@ class Tokenizer:
             return [self._to_model[i] for i in cl100k_ids]
         except KeyError as e:
             raise ValueError(f"text {text[:60]!r} uses cl100k id {e.args[0]}, which is not in "
-                             "this dataset's compact vocabulary") from None
+                             "this dataset's compact vocabulary (data/own/prepare.py --vocab=CKPT extends a "
+                             "checkpoint's vocabulary with new words)") from None
 
     def encode(self, text):
         """Plain text to ids. A special token's spelling in the text stays plain text."""
@@ -127,6 +128,31 @@ class Tokenizer:
         for ids in _base_encoding().encode_ordinary_batch(list(texts)):
             used.update(ids)
         return sorted(used)
+
+
+def extended_vocab(compact_vocab, texts):
+    """compact_vocab (a checkpoint's) plus every cl100k id that `texts` use: a vocabulary in which
+    a model trained on compact_vocab can be fine-tuned on new words (finetune.py adds their rows).
+    None (the full vocabulary) stays None: it already spells everything."""
+    if compact_vocab is None:
+        return None
+    return sorted(set(compact_vocab) | set(Tokenizer.cl100k_ids_of(texts)))
+
+
+def vocab_growth(old_vocab, new_vocab):
+    """How a model trained on old_vocab becomes one for new_vocab (each a compact vocabulary, or
+    None for the full one): for every id of new_vocab, the id of the same token in old_vocab, or
+    -1 for a token the old one lacks. Ids are positions in a sorted list, so an added token shifts
+    the ids after it: rows must be moved, not only appended. Raises ValueError when new_vocab
+    lacks some of old_vocab's tokens (a model cannot lose words it was trained on)."""
+    old = list(range(FULL_VOCAB_SIZE)) if old_vocab is None else list(old_vocab)
+    new = list(range(FULL_VOCAB_SIZE)) if new_vocab is None else list(new_vocab)
+    position = {cl100k: i for i, cl100k in enumerate(old)}
+    lost = set(old) - set(new)
+    if lost:
+        raise ValueError(f"the new vocabulary lacks {len(lost)} of the {len(old)} tokens of the old one "
+                         f"(e.g. cl100k id {min(lost)})")
+    return [position.get(cl100k, -1) for cl100k in new]
 
 
 def load_tokenizer(data_dir):

@@ -1,6 +1,10 @@
 """evaluate.py's scoring, on cases whose answers are known in advance."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,7 +12,9 @@ import pytest
 import torch
 
 import evaluate
+from data.errors import UserError
 from data.tokenizer import Tokenizer
+from tests.tiny_data import ROOT
 
 WORDS = ["red", "blue", "green", "yes", "no", "one", "two", "three", "what", "color", "is", "it", "?", "the",
          " red", " blue", " green", " one", " two", " three", " is", " it", " what", " color", " the"]
@@ -161,14 +167,51 @@ def test_open_answers_are_generated_and_compared(tok):
     result = evaluate.evaluate_task(task, model, tok, images, "cpu", torch.autocast("cpu", enabled=False), 2, 4)
     assert [e["answer"] for e in result["examples"]] == ["red"] * 3
     assert result["accuracy"] == pytest.approx(2 / 3)
+    # every item's prediction and score, in item order
+    assert [(p["index"], p["prediction"], p["score"]) for p in result["predictions"]] == [
+        (0, "red", 1.0), (1, "red", 0.0), (2, "red", 1.0)]
+    # the commonest reference, always given: "red" once, "blue" once, "the red" once (first seen wins)
+    assert (result["majority_answer"], result["majority"]) == ("red", pytest.approx(2 / 3))
+
+
+def test_majority_baseline_and_answer_types_are_exact():
+    open_task = {"kind": "open", "metric": "exact_match"}
+    items = [{"answer": a} for a in (["Red"], ["red", "blue"], ["blue"], ["green"], ["red"])]
+    assert evaluate.majority_baseline(open_task, items) == ("red", 3 / 5)  # case-blind, once per item
+    assert evaluate.majority_baseline({"kind": "yes_no"}, [{"answer": a} for a in "yes no no no".split()]) == ("no", 0.75)
+    same = ["cat", "dog", "cow"]
+    mc = [{"options": same, "answer": a} for a in (2, 2, 0, 1, 2)]
+    assert evaluate.majority_baseline({"kind": "multiple_choice"}, mc) == ("cow", 3 / 5)
+    mc[0]["options"] = ["a", "b", "c"]  # options that vary: the position most often right
+    assert evaluate.majority_baseline({"kind": "multiple_choice"}, mc) == ("option 3", 3 / 5)
+
+
+def test_predictions_carry_ids_and_answer_types_and_break_down_by_them(tok):
+    logp = torch.full((tok.vocab_size, tok.vocab_size), math.log(1e-3))
+    logp[tok.assistant_id, tok.encode("no")[0]] = 0.0  # always "no"
+    model = BigramModel(logp, tokens_per_image=2, image_id=tok.image_id)
+    answers = [("yes", "colour"), ("no", "colour"), ("no", "count"), ("yes", "count"), ("yes", "count")]
+    items = [{"id": f"q{i}", "image": 0, "prompt": "is it red?", "answer": a, "answer_type": t}
+             for i, (a, t) in enumerate(answers)]
+    task = {"name": "yn", "modality": "vision", "kind": "yes_no", "chance": 0.5, "items": items}
+    result = evaluate.evaluate_task(task, model, tok, np.zeros((1, 8, 8, 3), np.uint8), "cpu",
+                                    torch.autocast("cpu", enabled=False), 2, 4)
+    assert result["predictions"][3] == {"index": 3, "id": "q3", "prediction": "no", "answer": "yes", "score": 0.0,
+                                        "answer_type": "count"}
+    assert (result["accuracy"], result["majority_answer"], result["majority"]) == (0.4, "yes", 0.6)
+    assert result["answer_types"] == {
+        "colour": {"n": 2, "accuracy": 0.5, "majority_answer": "yes", "majority": 0.5},  # a tie: first seen
+        "count": {"n": 3, "accuracy": 1 / 3, "majority_answer": "yes", "majority": 2 / 3}}
 
 
 def test_markdown_table_lists_every_task_and_the_averages():
     rows = [{"name": "a", "modality": "vision", "kind": "open", "n": 3, "accuracy": 0.5, "chance": 0.25,
-             "stable": 25.0},
+             "stable": 25.0, "majority_answer": "red", "majority": 1 / 3,
+             "answer_types": {"colour": {"n": 2, "accuracy": 0.5, "majority_answer": "red", "majority": 0.5}}},
             {"name": "b", "modality": "text", "kind": "multiple_choice", "n": 3, "accuracy": 0.25,
-             "acc_norm": 0.5, "chance": 0.25, "stable": 0.0}]
+             "acc_norm": 0.5, "chance": 0.25, "stable": 0.0, "majority_answer": "option 2", "majority": 2 / 3}]
     pope = {"name": "p", "modality": "vision", "kind": "yes_no", "n": 4, "chance": 0.5, "stable": 25.0,
+            "majority_answer": "no", "majority": 0.5,
             "accuracy": 0.75, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "yes_ratio": 0.5, "said_yes": 0.25,
             "categories": {"random": {"n": 2, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
                                       "yes_ratio": 0.5, "said_yes": 0.5}}}
@@ -180,3 +223,116 @@ def test_markdown_table_lists_every_task_and_the_averages():
     assert "yes ratio = share of \"yes\" in the ground truth" in table
     assert "| b | text | multiple_choice | 3 | 25.0 (norm 50.0) | 25.0 | +0.0 |" in table
     assert "**overall** | | | | | | **+12.5**" in table and "1.2345 bits per byte" in table
+    assert "| a | red | 33.3 | 25.0 | 50.0 |" in table and "| b | option 2 | 66.7 | 25.0 | 25.0 |" in table
+    assert "| a | colour | 2 | red | 50.0 | 50.0 |" in table
+
+
+# --------------------------------------------- bad tasks: one error line at start-up, nothing scored
+
+def good_task():
+    return {"name": "t", "modality": "vision", "kind": "open", "chance": 0.0,
+            "items": [{"image": i, "prompt": "what color is it?", "answer": ["red"]} for i in range(2)]}
+
+
+def choice_task(options, answer):
+    return dict(good_task(), kind="multiple_choice", chance=0.5, items=[
+        {"image": 0, "prompt": "what color is it?", "options": options, "answer": answer}])
+
+
+def write_raw(path, data):
+    path.write_bytes(data)
+
+
+# (what is wrong, how to make it so: task -> file contents or a change to the folder, the error's words)
+BAD_INPUTS = [
+    ("malformed JSON", lambda d: write_raw(d / "eval_t.json", b'{"name": "t", "items": ['), "not a valid JSON task file"),
+    ("a list, not an object", lambda d: write_json(d, [good_task()]), "a task is a JSON object"),
+    ("no modality", lambda d: write_json(d, {k: v for k, v in good_task().items() if k != "modality"}),
+     "modality None (expected 'vision' or 'text')"),
+    ("an unknown kind", lambda d: write_json(d, dict(good_task(), kind="essay")), "unknown kind 'essay'"),
+    ("an unknown metric", lambda d: write_json(d, dict(good_task(), metric="bleu")), "unknown metric 'bleu'"),
+    ("no items", lambda d: write_json(d, dict(good_task(), items=[])), "no items to score"),
+    ("a yes/no task with no items", lambda d: write_json(d, dict(good_task(), kind="yes_no", items=[])),
+     "no items to score"),
+    ("an image index out of range", lambda d: write_json(d, dict(good_task(), items=[
+        {"image": 2, "prompt": "what color is it?", "answer": ["red"]}])), "item 0: image 2 is not a row of its 2"),
+    ("empty options", lambda d: write_json(d, choice_task([], 0)), "item 0: options []"),
+    ("an answer beyond the options", lambda d: write_json(d, choice_task(["red", "blue"], 2)),
+     "item 0: answer 2 is not the index of one of its 2 options"),
+    ("a word outside the vocabulary", lambda d: write_json(d, dict(good_task(), items=[
+        {"image": 0, "prompt": "what color is the teal one?", "answer": ["red"]}])), "item 0: text 'what color is the"),
+    ("a garbage images file", lambda d: write_raw(d / "eval_images.npy", b"garbage, not numpy"),
+     "eval_images.npy: not a .npy array of pictures"),
+    ("float32 pictures", lambda d: np.save(d / "eval_images.npy", np.zeros((2, 16, 16, 3), np.float32)),
+     "eval_images.npy: holds float32 [2, 16, 16, 3], expected uint8"),
+    ("pictures of the wrong size", lambda d: np.save(d / "eval_images.npy", np.zeros((2, 32, 32, 3), np.uint8)),
+     "eval_images.npy: pictures are 32x32, the model expects 16x16"),
+    ("no images file", lambda d: (d / "eval_images.npy").unlink(), "eval_images.npy: no such picture file"),
+]
+
+
+def write_json(folder, obj):
+    (folder / "eval_t.json").write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def good_eval(tmp_path, tok):
+    """A tiny checkpoint in the WORDS vocabulary and a folder with one good task."""
+    from dataclasses import asdict
+
+    from common import save_checkpoint
+    from model import VLM, ModelConfig
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
+                         ffn_hidden=32, image_size=16, patch_size=8, image_token_id=tok.image_id)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"config": {}, "model_config": asdict(config),
+                                                "model": VLM(config).state_dict(), "compact_vocab": tok.compact_vocab})
+    data = tmp_path / "data"
+    data.mkdir()
+    write_json(data, good_task())
+    np.save(data / "eval_images.npy", np.zeros((2, 16, 16, 3), np.uint8))
+    return tmp_path / "ckpt.pt", data
+
+
+def run_evaluate(ckpt, data):
+    return evaluate.main([f"--ckpt={ckpt}", f"--data_dir={data}", "--val_text=", "--device=cpu", "--dtype=float32",
+                          "--max_new_tokens=2"])
+
+
+def test_a_good_task_is_scored_and_its_predictions_kept(good_eval):
+    ckpt, data = good_eval
+    report = run_evaluate(ckpt, data)
+    assert report["tasks"][0]["n"] == 2 and report["tasks"][0]["majority"] == 1.0
+    lines = open(f"{ckpt}.eval.t.jsonl").read().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [0, 1]
+    assert "predictions" not in report["tasks"][0]  # in the JSONL, not in the report
+
+
+@pytest.mark.parametrize("problem, make, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_a_bad_task_stops_evaluate_before_any_scoring_with_one_line(good_eval, problem, make, words):
+    ckpt, data = good_eval
+    make(data)
+    with pytest.raises(UserError) as error:
+        run_evaluate(ckpt, data)
+    message = str(error.value)
+    assert words in message and "\n" not in message
+    assert str(data / ("eval_images.npy" if "images" in words else "eval_t.json")) in message  # names the file
+    assert not os.path.exists(f"{ckpt}.eval.json") and not os.path.exists(f"{ckpt}.eval.t.jsonl")
+
+
+def test_a_missing_data_dir_is_one_line_naming_the_setting(good_eval):
+    ckpt, data = good_eval
+    with pytest.raises(UserError, match=f"data_dir {data / 'absent'}: no such folder"):
+        run_evaluate(ckpt, data / "absent")
+
+
+def test_the_command_line_turns_a_bad_task_into_exit_status_1_and_one_error_line(good_eval):
+    # in-process above; here once as a user runs it: report_user_errors turns any of them into this
+    ckpt, data = good_eval
+    write_json(data, dict(good_task(), kind="essay"))
+    result = subprocess.run([sys.executable, "evaluate.py", f"--ckpt={ckpt}", f"--data_dir={data}", "--val_text="],
+                            cwd=ROOT, capture_output=True, text=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert errors == [f"error: {data / 'eval_t.json'}: unknown kind 'essay' (expected one of multiple_choice, open, "
+                      "yes_no)"]

@@ -321,3 +321,20 @@ def test_runs_as_a_script_and_as_a_module(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "vocab: " in out.stdout and os.path.exists(tmp_path / "meta.json")
+
+
+@pytest.mark.parametrize("size", [16, 18, 32, 48, 64, 96, 128, 224])
+def test_every_image_size_keeps_each_shape_inside_its_cell(size):
+    # A large red shape of each kind alone in the top left cell, or in the bottom right one, on a
+    # black background: 40 pictures each, so the random moves reach their limits. (At 64 px the
+    # triangle's wide base once reached past the picture's edge: an IndexError.)
+    cell = size // 2
+    for position in (0, 3):
+        scenes = [(0, ((position, kind, 0, 1),)) for kind in range(3) for _ in range(40)]
+        images = prepare.render(scenes, np.random.default_rng(size), size).astype(int)
+        shape = images[..., 0] - images[..., 2] > 100  # red on black: noise and tints never get near
+        assert shape.any(axis=(1, 2)).all()  # every shape was drawn
+        inside = np.zeros((size, size), bool)
+        corner = 0 if position == 0 else cell
+        inside[corner:corner + cell, corner:corner + cell] = True
+        assert not (shape & ~inside).any()

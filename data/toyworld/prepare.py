@@ -134,6 +134,16 @@ def shape_stamp(kind, radius, frac):
     return oy - reach, ox - reach
 
 
+def slack_of(radius, frac, base, cell):
+    """How far (in pixels, each way) a shape of this half-width may move from its cell's centre:
+    half a cell less the half-width, less a pixel of margin, but never so far that a shape of any
+    kind leaves its cell (the triangle's base, 1.15 half-widths wide, otherwise reaches past the
+    picture's edge at 64 px and more). At 32 px the margin rule is the tighter one."""
+    fits = [min(base + offsets.min(), cell - 1 - base - offsets.max())
+            for kind in range(3) for offsets in shape_stamp(kind, radius, frac)]
+    return min(int(np.floor(cell / 2 - radius - 1)), int(min(fits)))
+
+
 def render(scenes, np_rng, size=32):
     """Draws scenes into uint8 [N, size, size, 3] pictures, vectorised over the scenes.
 
@@ -143,8 +153,8 @@ def render(scenes, np_rng, size=32):
     n = len(scenes)
     cell = size // 2
     radius = [0.25 * cell, 0.375 * cell]  # small, large half-width
-    slack = [int(np.floor(cell / 2 - r - 1)) for r in radius]  # how far a shape may move
     base, frac = divmod(cell / 2, 1)  # a cell's centre lies frac past pixel corner `base`
+    slack = [slack_of(r, frac, int(base), cell) for r in radius]  # how far a shape may move
     # every random draw has a fixed shape, so the stream does not depend on the scenes
     jitter = np_rng.integers(-3, 4, size=(n, 3, 2))
     tint = np_rng.integers(-16, 17, size=(n, 3, 3))
