@@ -136,9 +136,11 @@ def remove_stale(folder, patterns, keep):
               f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
 
 
-def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens"):
-    """Runs worker(*args) for each (out_path, args) in jobs, num_proc at a time; every job's args
-    start with (the parsed arguments, the input file's path). The worker writes out_path and
+def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens", made_from=None):
+    """Runs worker(*args) for each (out_path, args) in jobs, num_proc at a time. `made_from` says
+    what each shard is made from (sources.json; a shard already there is kept only when it
+    matches); by default shard_source of each job's first two args, which for the Hub
+    preparers are (the parsed arguments, the input file's path). The worker writes out_path and
     returns a Counter of the rows it skipped, by reason. size_of(shard) measures a finished shard
     (in `unit`); once the shards, in job order, hold `budget` (0: no limit), the remaining jobs are
     cancelled and any shard they wrote is removed. Returns (total, skipped)."""
@@ -146,7 +148,7 @@ def run_jobs(worker, jobs, num_proc, size_of, budget=0, unit="tokens"):
         raise UserError("nothing to prepare: no input files")
     folder = os.path.dirname(jobs[0][0])
     sources = read_sources(folder)
-    made_from = [shard_source(*job_args[:2]) for _, job_args in jobs]
+    made_from = made_from or [shard_source(*job_args[:2]) for _, job_args in jobs]
     finished = {}
     for i, (out_path, _) in enumerate(jobs):
         if os.path.exists(out_path) and sources.get(os.path.basename(out_path)) == made_from[i]:
