@@ -63,10 +63,18 @@ def check_can_see(ckpt, saw_images):
                         "never trained, so it cannot be shown a picture; ask without one")
 
 
-def count_toy_scenes(data_dir):
-    """How many held-out evaluation pictures the toy world in data_dir has (0 if none)."""
+def toy_scene_captions(data_dir):
+    """The caption of each of the toy world's held-out evaluation pictures in data_dir ([] when
+    it has none)."""
     path = os.path.join(data_dir, "eval_images.npy")
-    return len(np.load(path, mmap_mode="r")) if os.path.exists(path) else 0
+    if not os.path.exists(path):
+        return []
+    n = len(np.load(path, mmap_mode="r"))
+    captions_path = os.path.join(data_dir, "eval_captions.txt")
+    if not os.path.exists(captions_path):
+        return ["(unknown: data_dir has no eval_captions.txt)"] * n
+    with open(captions_path) as f:
+        return f.read().splitlines()[:n]
 
 
 def toy_scene(data_dir, n):
@@ -78,12 +86,7 @@ def toy_scene(data_dir, n):
     scenes = np.load(path, mmap_mode="r")
     if not 0 <= n < len(scenes):
         raise UserError(f"toy_scene must lie in 0..{len(scenes) - 1} ({path} holds {len(scenes)} pictures), got {n}")
-    captions_path = os.path.join(data_dir, "eval_captions.txt")
-    caption = "(unknown: data_dir has no eval_captions.txt)"
-    if os.path.exists(captions_path):
-        with open(captions_path) as f:
-            caption = f.read().splitlines()[n]
-    return np.array(scenes[n]), caption
+    return np.array(scenes[n]), toy_scene_captions(data_dir)[n]
 
 
 def load_picture(image, toy_scene_number, data_dir, size, image_name=""):
