@@ -16,6 +16,7 @@ UserError saying what is wrong, which sample.py prints as one `error:` line and 
 in the page.
 """
 
+import math
 import os
 
 import numpy as np
@@ -51,7 +52,7 @@ def check_sampling(max_new_tokens, temperature, top_k):
     if not (isinstance(max_new_tokens, int) and isinstance(top_k, int) and isinstance(temperature, (int, float))
             and not any(isinstance(v, bool) for v in (max_new_tokens, temperature, top_k))):
         raise UserError("max_new_tokens and top_k must be whole numbers, temperature a number")
-    if max_new_tokens < 1 or temperature < 0 or top_k < 0:
+    if max_new_tokens < 1 or not 0 <= temperature < math.inf or top_k < 0:
         raise UserError(f"max_new_tokens must be at least 1 (got {max_new_tokens}), temperature and top_k not "
                         f"negative (got {temperature} and {top_k})")
 

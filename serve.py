@@ -20,7 +20,9 @@ The server keeps no state between requests: the page sends the picture and the c
 with every question. A bad request (not a picture, a picture over max_upload_mb, a picture for
 a checkpoint that never saw one, a question the checkpoint cannot encode or fit) gets its
 message in the page, and the server carries on. It listens on 127.0.0.1 unless host says
-otherwise: whoever reaches the port can make the machine generate.
+otherwise: whoever reaches the port can make the machine generate. For a server that runs for
+long, MALLOC_ARENA_MAX=2 keeps its memory flat (glibc's default arenas for the request threads
+grow it by some MiB over hundreds of questions; README, "Ask in the browser").
 """
 
 import base64
@@ -150,6 +152,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise UserError(f"{key} must be {'a whole number' if kind is int else 'a ' + kind.__name__}, "
                                 f"got {r[key]!r}")
         chat.check_sampling(r["max_new_tokens"], r["temperature"], r["top_k"])
+        if not 0 <= r["seed"] < 2**63:
+            raise UserError(f"seed must lie in 0..2**63-1, got {r['seed']}")
         if not 0 <= r["column"] < len(self.columns):
             raise UserError(f"column must lie in 0..{len(self.columns) - 1}, got {r['column']}")
         c = self.columns[r["column"]]
