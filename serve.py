@@ -386,7 +386,8 @@ async function ask(column, question, generation) {
 $("ask-row").onsubmit = async event => {
   event.preventDefault();
   const question = $("question").value.trim();
-  const generation = {max_new_tokens: parseInt($("max_new_tokens").value), temperature: parseFloat($("temperature").value),
+  const generation = {max_new_tokens: parseInt($("max_new_tokens").value),
+                      temperature: parseFloat($("temperature").value),
                       top_k: parseInt($("top_k").value), seed: parseInt($("seed").value)};
   $("ask").disabled = true;
   await Promise.all(info.columns.map((_, column) => ask(column, question, generation)));

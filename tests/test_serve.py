@@ -109,7 +109,8 @@ def browser():
     driver.quit()
 
 
-def test_browser_upload_question_and_streamed_answer_equal_sample(toy, server, browser, tmp_path, monkeypatch):  # noqa: F811
+def test_browser_upload_question_and_streamed_answer_equal_sample(toy, server, browser, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -131,8 +132,9 @@ def test_browser_upload_question_and_streamed_answer_equal_sample(toy, server, b
         n_asked = len(browser.find_elements(By.CSS_SELECTOR, ".answer"))
         browser.find_element(By.ID, "question").send_keys(question)
         browser.find_element(By.ID, "ask").click()
-        WebDriverWait(browser, 120).until(lambda b: (len(b.find_elements(By.CSS_SELECTOR, ".answer")) == n_asked + 2
-                                                     and not b.find_elements(By.CSS_SELECTOR, "[data-state=streaming]")))
+        WebDriverWait(browser, 120).until(
+            lambda b: (len(b.find_elements(By.CSS_SELECTOR, ".answer")) == n_asked + 2
+                       and not b.find_elements(By.CSS_SELECTOR, "[data-state=streaming]")))
         return [(a.get_attribute("data-state"), a.text, int(a.get_attribute("data-tokens")))
                 for a in (c.find_elements(By.CSS_SELECTOR, ".answer")[-1] for c in columns)]
 
@@ -158,13 +160,15 @@ def test_browser_upload_question_and_streamed_answer_equal_sample(toy, server, b
 BAD_REQUESTS = [  # (the case, the request's JSON fields, what its message says)
     ("not a picture", {"image": base64.b64encode(b"not a png").decode(), "image_name": "notes.txt", "question": "hi"},
      r"^notes.txt is not a picture \(Pillow cannot read it\)$"),
-    ("a picture over max_upload_mb", {"image": base64.b64encode(bytes(600_000)).decode(), "image_name": "big.png",
-                                      "question": "hi"}, r"^big.png is larger than 0.5 MB \(the server's max_upload_mb\)$"),
+    ("a picture over max_upload_mb",
+     {"image": base64.b64encode(bytes(600_000)).decode(), "image_name": "big.png", "question": "hi"},
+     r"^big.png is larger than 0.5 MB \(the server's max_upload_mb\)$"),
     ("a picture for a text-only checkpoint", {"column": 1, "toy_scene": 0, "question": "hi"},
      r"ckpt_frac0.50.pt is a text-only checkpoint .* cannot be shown a picture"),
     ("a toy scene and a picture", {"toy_scene": 1, "image": "{png}", "question": "hi"}, r"either image or toy_scene"),
     ("a toy scene out of range", {"toy_scene": 99999, "question": "hi"}, r"toy_scene must lie in 0\.\.71 "),
-    ("a word outside the compact vocabulary", {"question": "What is THIS?"}, r"not in this dataset's compact vocabulary"),
+    ("a word outside the compact vocabulary", {"question": "What is THIS?"},
+     r"not in this dataset's compact vocabulary"),
     ("a question longer than the context", {"question": " ".join(["red"] * 200)},
      r"longer than the model's context of 128 tokens"),
     ("nothing to answer", {"toy_scene": 2}, r"nothing to answer: ask a question"),
