@@ -15,6 +15,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from tests.own_data import make_own_dataset
 from tests.tiny_data import ROOT
 
 SMALL_DATA = "--scale=0.02"
@@ -49,6 +50,19 @@ COMMANDS = {
         "printf 'what color is the square?\\nhow many shapes are there?\\nwhere is the square?\\nis there a red circle?\\n"
         "describe the picture.\\n' | python sample.py --ckpt=out/toy_sft/ckpt.pt --toy_scene=3",
     "echo | python sample.py --ckpt=out/toy/ckpt.pt --toy_scene=3": "echo | python sample.py --ckpt=out/toy/ckpt.pt --toy_scene=3",
+    # "Your own data": on a small data set of one's own (tests/own_data.py writes it as shapes/)
+    "python data/own/prepare.py --out_dir=data/own/shapes --vocab=out/toy/ckpt.pt --conversations=shapes/train.json "
+    "--eval=shapes/test.jsonl":
+        "python data/own/prepare.py --out_dir=data/own/shapes --vocab=out/toy/ckpt.pt "
+        "--conversations=shapes/train.json --eval=shapes/test.jsonl",
+    "python finetune.py config/toy_sft.py --data_dir=data/own/shapes --out_dir=out/shapes --text_rows=0":
+        f"python finetune.py config/toy_sft.py --data_dir=data/own/shapes --out_dir=out/shapes --text_rows=0 "
+        f"{SMALL_FINETUNE}",
+    "python evaluate.py --ckpt=out/shapes/ckpt.pt --data_dir=data/own/shapes --val_text=":
+        "python evaluate.py --ckpt=out/shapes/ckpt.pt --data_dir=data/own/shapes --val_text=",
+    # "Ask in the browser"
+    "python serve.py --ckpt=out/toy_f0.0_sft/ckpt.pt --ckpt_b=out/toy_sft/ckpt.pt":
+        ("not run", "a server that runs until stopped: tests/test_serve.py starts it and drives its page in Chromium"),
     # "The study in one command": the plan only (tests/test_sweep.py runs this grid at toy sizes)
     "python sweep.py config/toy_sweep.py": "python sweep.py config/toy_sweep.py --dry_run=True",
     # "The study on a SLURM cluster": plans, since this machine has no SLURM
@@ -137,7 +151,9 @@ def test_every_readme_command_runs(tmp_path):
 
     repo = tmp_path / "repo"
     copy_of_repository(repo)
-    # what the pages assume a user has: a picture of their own, and an lm-eval task of their own
+    # what the pages assume a user has: a picture, a data set and an lm-eval task of their own
+    files = make_own_dataset(repo / "shapes")
+    shutil.copy(files["eval_open"], repo / "shapes" / "test.jsonl")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(repo / "photo.png")
     (repo / "folder_with_my_yaml").mkdir()
     (repo / "folder_with_my_yaml" / "items.jsonl").write_text(

@@ -4,6 +4,7 @@ files equal to pictures from memory, conversations, and one clear error per bad 
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+import chat
 import evaluate
 import sample
 from common import autocast_context
+from data.errors import UserError
 from tests.tiny_data import ROOT
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--ffn_hidden=64", "--vit_width=16",
@@ -82,11 +85,12 @@ def test_picture_from_a_png_file_gives_the_same_tokens_as_from_memory(toy, tmp_p
                       "--prompt=how many shapes are there?", "--max_new_tokens=8")
     assert from_file == from_memory and from_file[0]
     # A tiny model's answer hardly depends on the picture, so compare what it was shown as well.
-    settings = {"image": "", "toy_scene": -1, "data_dir": toy["data"]}
-    shown_file = sample.picture_of({**settings, "image": str(path)}, 32)
-    shown_memory = sample.picture_of({**settings, "toy_scene": 7}, 32)
+    shown_file, _ = chat.load_picture(str(path), -1, toy["data"], 32)
+    shown_upload, _ = chat.load_picture(path.read_bytes(), -1, toy["data"], 32)  # serve.py's uploads
+    shown_memory, _ = chat.load_picture("", 7, toy["data"], 32)
     assert shown_file.dtype == np.uint8 and np.array_equal(shown_file, shown_memory)
-    assert not np.array_equal(shown_memory, sample.picture_of({**settings, "toy_scene": 8}, 32))
+    assert np.array_equal(shown_upload, shown_memory)
+    assert not np.array_equal(shown_memory, chat.load_picture("", 8, toy["data"], 32)[0])
 
 
 def test_stdin_questions_are_one_conversation(toy, monkeypatch, capsys):
@@ -110,11 +114,11 @@ def test_stdin_questions_are_one_conversation(toy, monkeypatch, capsys):
 def test_the_oldest_turns_leave_a_full_context_first():
     image, turns, question = [9] * 4, [[1] * 5, [2] * 5, [3] * 5], [7] * 3
     # 4 + 15 + 3 = 22 tokens and 4 new ones need 25 positions: with 20 the first turn goes
-    assert sample.fit_context(image, turns, question, 20, 4) == image + [2] * 5 + [3] * 5 + question
-    assert sample.fit_context(image, turns, question, 25, 4) == image + [1] * 5 + [2] * 5 + [3] * 5 + question
-    assert sample.fit_context(image, turns, question, 7, 4) == image + question  # all history gone
-    with pytest.raises(ValueError, match=r"prompt is 7 tokens \(4 of them the picture's\).*context of 6 tokens"):
-        sample.fit_context(image, turns, question, 6, 4)
+    assert chat.fit_context(image, turns, question, 20, 4) == image + [2] * 5 + [3] * 5 + question
+    assert chat.fit_context(image, turns, question, 25, 4) == image + [1] * 5 + [2] * 5 + [3] * 5 + question
+    assert chat.fit_context(image, turns, question, 7, 4) == image + question  # all history gone
+    with pytest.raises(UserError, match=r"prompt is 7 tokens \(4 of them the picture's\).*context of 6 tokens"):
+        chat.fit_context(image, turns, question, 6, 4)
 
 
 def test_pretrained_model_continues_raw_text(toy, monkeypatch):
@@ -138,17 +142,40 @@ def test_pretrained_model_continues_raw_text(toy, monkeypatch):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
-def test_bad_inputs_give_one_clear_error(toy, tmp_path):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="broken.png: not a readable image"):
-        ask(toy["sft"], f"--image={broken}", "--prompt=hi")
-    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
-        ask(toy["sft"], f"--image={tmp_path / 'missing.png'}", "--prompt=hi")
-    with pytest.raises(ValueError, match="ckpt_frac0.50.pt is a text-only checkpoint.*never trained"):
-        ask(toy["text_only"], f"--data_dir={toy['data']}", "--toy_scene=0", "--prompt=hi")
-    assert len(ask(toy["text_only"], "--prompt=three plus", "--max_new_tokens=2")) == 1  # text alone is fine
-    with pytest.raises(ValueError, match=r"longer than the model's context of 128 tokens \(its block_size\)"):
-        ask(toy["pretrained"], "--prompt=" + " ".join(["red"] * 200))
-    with pytest.raises(ValueError, match="toy_scene must lie in 0..71"):
-        ask(toy["sft"], f"--data_dir={toy['data']}", "--toy_scene=72", "--prompt=hi")
+BAD_INPUTS = [  # (the case, sample.py's arguments beyond --ckpt, what its one error line says)
+    ("a missing picture file", ["--image={tmp}/missing.png", "--prompt=hi"], r"image \S*/missing.png does not exist"),
+    ("a file that is no picture", ["--image={tmp}/broken.png", "--prompt=hi"], r"broken.png: not a readable image"),
+    ("a prompt longer than the context", ["--prompt=" + " ".join(["red"] * 200)],
+     r"prompt is 2\d\d tokens .* longer than the model's context of 128 tokens \(its block_size\)"),
+    ("a word outside the compact vocabulary", ["--prompt=What is THIS?"],
+     r"text 'What is THIS\?' uses cl100k id \d+, which is not in this dataset's compact vocabulary"),
+    ("a toy scene and a picture file", ["--toy_scene=1", "--image={tmp}/broken.png", "--prompt=hi"],
+     r"give either image or toy_scene, not both"),
+    ("a toy scene out of range", ["--toy_scene=99999", "--prompt=hi"],
+     r"toy_scene must lie in 0\.\.71 \(\S*eval_images.npy holds 72 pictures\), got 99999"),
+    ("a picture for a text-only checkpoint", ["--ckpt={text_only}", "--toy_scene=0", "--prompt=hi"],
+     r"ckpt_frac0.50.pt is a text-only checkpoint .* never trained, so it cannot be shown a picture"),
+    ("no room to answer", ["--max_new_tokens=0", "--prompt=hi"], r"max_new_tokens must be at least 1 \(got 0\)"),
+    ("a missing checkpoint", ["--ckpt={tmp}/none.pt", "--prompt=hi"], r"checkpoint \S*/none.pt does not exist"),
+]
+
+
+def test_bad_inputs_end_in_one_error_line(toy, tmp_path):
+    """Each user mistake ends sample.py with status 1 and one `error:` line, no traceback."""
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    runs = []
+    for case, args, _ in BAD_INPUTS:  # all at once: most of each run is Python importing torch
+        args = [a.format(tmp=tmp_path, text_only=toy["text_only"]) for a in args]
+        cmd = [sys.executable, "sample.py", f"--ckpt={toy['sft']}", f"--data_dir={toy['data']}", *args]
+        runs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, OMP_NUM_THREADS="1")))
+    for (case, _, message), process in zip(BAD_INPUTS, runs):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 1, f"{case}: exit status {process.returncode}, stderr:\n{err}"
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: stderr is not one error line:\n{err}"
+        assert re.search(message, lines[0]), f"{case}: {lines[0]!r} does not say {message!r}"
+
+
+def test_a_text_only_checkpoint_still_answers_text(toy):
+    assert len(ask(toy["text_only"], "--prompt=three plus", "--max_new_tokens=2")) == 1
