@@ -257,8 +257,8 @@ def bench_ours(loader, config, freeze_vision, seq_len, rows, parallel="ddp"):
     raw_model.vision.encoder.requires_grad_(not freeze_vision)  # as pretrain.py: a frozen tower has no optimizer state
     if parallel == "fsdp":
         if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if DEVICE == "cuda" else "gloo", store=torch.distributed.HashStore(),
-                                                 rank=0, world_size=1)
+            torch.distributed.init_process_group("nccl" if DEVICE == "cuda" else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
         shard_model(raw_model, parallel, autocast)
     optimizer = configure_optimizer(raw_model, 3e-4, 0.1, (0.9, 0.95), DEVICE)
     model = torch.compile(raw_model, dynamic=False) if use_compile() else raw_model

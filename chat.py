@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import load_checkpoint
+from common import image_start_iter, load_checkpoint
 from data.errors import MissingFileError, UserError
 from data.images import load_image
 from data.tokenizer import Tokenizer
@@ -43,7 +43,7 @@ def load_model(path, device):
         saw_images = True  # fine-tuning trains on image conversations
     else:  # a pretraining checkpoint from before its image phase never saw an image
         c = checkpoint["config"]
-        saw_images = c["image_ratio"] > 0 and checkpoint["iter_num"] > round(c["vision_start_frac"] * c["max_iters"])
+        saw_images = c["image_ratio"] > 0 and checkpoint["iter_num"] > image_start_iter(c)
     return model, Tokenizer(checkpoint.get("compact_vocab")), fine_tuned, saw_images
 
 

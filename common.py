@@ -55,14 +55,23 @@ def peak_flops(device):
     return None
 
 
-def setup_distributed(device_setting):
-    """Returns (rank, local_rank, world_size, device). Under torchrun the process group is
-    NCCL on CUDA and gloo on the CPU; otherwise a single process."""
+def resolve_device(device_setting):
+    """The `device` setting of every script, checked: "auto" (CUDA when there is a GPU, else
+    the CPU), "cpu", "cuda" or "cuda:N"."""
     if device_setting not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device_setting):
         raise UserError(f"device must be 'auto', 'cuda' or 'cpu', got {device_setting!r}")
     if device_setting.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device is {device_setting!r}, but torch {torch.__version__} sees no CUDA GPU: "
                         "use --device=cpu (or auto)")
+    if device_setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_setting
+
+
+def setup_distributed(device_setting):
+    """Returns (rank, local_rank, world_size, device). Under torchrun the process group is
+    NCCL on CUDA and gloo on the CPU; otherwise a single process."""
+    device_setting = resolve_device(device_setting)
     if "RANK" in os.environ:
         use_cuda = torch.cuda.is_available() and device_setting != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -72,8 +81,6 @@ def setup_distributed(device_setting):
         if use_cuda:
             torch.cuda.set_device(device)
         return rank, local_rank, world_size, device
-    if device_setting == "auto":
-        device_setting = "cuda" if torch.cuda.is_available() else "cpu"
     return 0, 0, 1, device_setting
 
 
@@ -166,6 +173,13 @@ def load_training_state(raw_model, optimizer, model_state, optimizer_state=None)
     set_model_state_dict(raw_model, model_state, options=StateDictOptions(full_state_dict=True))
     if optimizer_state is None:
         return
+    if any(isinstance(i, int) for group in optimizer_state["param_groups"] for i in group["params"]):
+        # written before optimizer state was keyed by name: optimizer.state_dict() as it was
+        if isinstance(raw_model, FSDPModule):
+            raise UserError("this checkpoint keys its optimizer state by index (written before FSDP support): "
+                            "resume it with --parallel=ddp once, and its next checkpoint resumes under FSDP")
+        optimizer.load_state_dict(optimizer_state)
+        return
     names = _optimizer_names(raw_model, optimizer)
     index, params = {name: i for i, name in enumerate(names)}, dict(raw_model.named_parameters())
 
@@ -183,9 +197,9 @@ def load_training_state(raw_model, optimizer, model_state, optimizer_state=None)
 
 def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts, parallel="ddp"):
     """The module the training loop calls: torch.compile'd when `compile` is on and, under
-    torchrun with parallel = "ddp", wrapped in DDP (an FSDP model was sharded by shard_model). Shapes are static, so Dynamo compiles one graph per batch layout it
-    meets (how many rows hold images): `layouts` says how many the caller can produce, and
-    Dynamo's limit (8 by default, past which it silently runs the rest eagerly) is raised to
+    torchrun with parallel = "ddp", wrapped in DDP (an FSDP model was sharded by shard_model).
+    Shapes are static, so Dynamo compiles one graph per batch layout it meets (how many rows
+    hold images): `layouts` says how many the caller can produce, and Dynamo's limit (8 by default, past which it silently runs the rest eagerly) is raised to
     fit. Each layout costs one compile, once per process: on the CPU about half a minute for
     1.2-1.5x faster steps, which the toy's pretraining does not earn back, its fine-tuning
     just does, and longer CPU runs do (README, "Measured")."""
@@ -202,6 +216,11 @@ def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts
     if world_size > 1 and parallel == "ddp":
         model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
     return model
+
+
+def image_start_iter(settings):
+    """The first step of a pretraining run that sees images (settings: pretrain.py's)."""
+    return round(settings["vision_start_frac"] * settings["max_iters"])
 
 
 def cosine_schedule(it, warmup_iters, total_iters, peak_lr, min_lr):

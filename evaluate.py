@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import autocast_context, check_positive, load_checkpoint
+from common import autocast_context, check_positive, load_checkpoint, resolve_device
 from data.atomic import write_text
 from configurator import apply_overrides
 from data.errors import MissingFileError, UserError, report_user_errors
@@ -538,7 +538,7 @@ def main(argv):
     if settings["max_items"] < 0:
         raise UserError(f"max_items must be 0 (every item) or positive, got {settings['max_items']}")
     s = settings
-    dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(s["device"])
     autocast = autocast_context(torch.device(dev).type, s["dtype"])
     model, tokenizer = load_model(s["ckpt"], dev)
     if not os.path.isdir(s["data_dir"]):

@@ -79,7 +79,8 @@ report_user_errors()  # a bad setting or file prints one "error:" line, not a tr
 config = apply_overrides(globals(), sys.argv[1:])
 # Settings that cannot change a run's past: a resume must match its checkpoint on all others.
 RUN_ONLY_SETTINGS = ["out_dir", "data_dir", "init_from", "overwrite", "ckpt_interval", "stop_at_iter", "log_interval",
-                     "eval_interval", "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels", "parallel"]
+                     "eval_interval", "eval_batches", "val_chat", "device", "dtype", "compile", "use_kernels",
+                     "parallel"]
 
 
 def check_settings():
@@ -205,7 +206,6 @@ del checkpoint
 model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, 1, parallel)  # every batch alike
 
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     log = JsonlLog(os.path.join(out_dir, "log.jsonl"), resume_iter=iter_num if resume else None)
     trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     print(f"fine-tuning {pretrained_from}: {trainable:,} trainable params, {train_loader.num_samples:,} "

@@ -27,9 +27,9 @@ from dataclasses import asdict
 import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
-                    claim_out_dir, compile_and_wrap, cosine_schedule, load_checkpoint, load_training_state, mean_loss,
-                    peak_flops, restore_rng_state, rng_state, save_checkpoint, setup_training, shard_model,
-                    stop_if_not_finite, train_step, training_state)
+                    claim_out_dir, compile_and_wrap, cosine_schedule, image_start_iter, load_checkpoint,
+                    load_training_state, mean_loss, peak_flops, restore_rng_state, rng_state, save_checkpoint,
+                    setup_training, shard_model, stop_if_not_finite, train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import PretrainLoader
@@ -172,7 +172,7 @@ device_type = torch.device(device).type
 out_dir_lock = claim_out_dir(out_dir, init_from != "resume", overwrite, rank, world_size, device)
 signals = StopSignals(verbose=master)  # already during set-up (it can take minutes): a signal stops at step one
 
-start_iter = round(vision_start_frac * max_iters)  # the first step that sees images
+start_iter = image_start_iter(config)  # the first step that sees images
 total_iters = start_iter + image_iters
 save_iters = {round(f * max_iters): f for f in save_fracs}
 
@@ -247,7 +247,7 @@ if init_from != "scratch":
     else:
         check_same_settings(saved, config, RUN_ONLY_SETTINGS + IMAGE_PHASE_SETTINGS, ckpt_path)
         check_same_data(checkpoint.get("data"), train_data, ckpt_path, may_differ=["train_captions"])
-        if checkpoint["iter_num"] > round(saved["vision_start_frac"] * saved["max_iters"]):
+        if checkpoint["iter_num"] > image_start_iter(saved):
             raise UserError(f"{ckpt_path} is at step {checkpoint['iter_num']}, after its run's image start: "
                             "a branch must start from a text-only checkpoint")
         if checkpoint["iter_num"] > start_iter:
@@ -267,7 +267,6 @@ layouts = math.ceil(image_ratio * batch_size) + 1 if image_ratio_ramp_iters > 0 
 model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts, parallel)
 
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     log = JsonlLog(os.path.join(out_dir, "log.jsonl"), resume_iter=iter_num if init_from == "resume" else None)
     for it, f in sorted(save_iters.items()):
         if it > start_iter:

@@ -29,7 +29,7 @@ import sys
 import torch
 
 import chat
-from common import autocast_context
+from common import autocast_context, resolve_device
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 
@@ -68,7 +68,7 @@ def main(argv):
     apply_overrides(settings, argv)
     s = settings
     chat.check_sampling(s["max_new_tokens"], s["temperature"], s["top_k"])
-    dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(s["device"])
     autocast = autocast_context(torch.device(dev).type, s["dtype"])
     generator = torch.Generator(dev).manual_seed(s["seed"])
     model, tokenizer, fine_tuned, saw_images = chat.load_model(s["ckpt"], dev)

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 import chat
-from common import autocast_context
+from common import autocast_context, resolve_device
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 
@@ -434,7 +434,7 @@ def main(argv):
     chat.check_sampling(s["max_new_tokens"], s["temperature"], s["top_k"])
     if s["max_upload_mb"] <= 0:
         raise UserError(f"max_upload_mb must be positive, got {s['max_upload_mb']}")
-    s["device"] = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    s["device"] = resolve_device(s["device"])
     autocast_context(torch.device(s["device"]).type, s["dtype"])  # a bad dtype stops here, not at the first question
     for path in [s["ckpt"]] + ([s["ckpt_b"]] if s["ckpt_b"] else []):
         model, tokenizer, fine_tuned, saw_images = chat.load_model(path, s["device"])

@@ -264,17 +264,18 @@ def prepare_training_file(kind, name, path, samples, skipped, args, vocab):
     """All shards of one training file; prints what it wrote and skipped."""
     jobs, sources = [], []
     stat = os.stat(path)
-    for start in range(0, max(number for number, _ in samples) + 1, args.shard_rows):
-        chunk = [(n, s) for n, s in samples if start <= n < start + args.shard_rows]
-        if chunk:
-            train, val = (os.path.join(args.out_dir, f"{split}_{kind}_{name}_{len(jobs):05d}.bin")
-                          for split in ("train", "val"))
-            jobs.append((train, (kind, chunk, start, args, vocab, train, val)))
-            # what a shard already there must have been made from to be kept (sources.json)
-            sources.append({"file": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                            "first_row": start, "settings": {"image_size": args.image_size, "vocab": args.vocab,
-                                                             "val_every": args.val_every,
-                                                             "shard_rows": args.shard_rows}})
+    chunks = {}  # first row of a shard's slice -> its samples, in order
+    for n, sample in samples:
+        chunks.setdefault(n - n % args.shard_rows, []).append((n, sample))
+    for start, chunk in sorted(chunks.items()):
+        train, val = (os.path.join(args.out_dir, f"{split}_{kind}_{name}_{len(jobs):05d}.bin")
+                      for split in ("train", "val"))
+        jobs.append((train, (kind, chunk, start, args, vocab, train, val)))
+        # what a shard already there must have been made from to be kept (sources.json)
+        sources.append({"file": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "first_row": start, "settings": {"image_size": args.image_size, "vocab": args.vocab,
+                                                         "val_every": args.val_every,
+                                                         "shard_rows": args.shard_rows}})
     unit = "conversations" if kind == "chat" else "pairs"
     n, decode_skips = run_jobs(write_training_shards, jobs, args.num_proc, lambda shard: shard.num_samples,
                                unit=unit, made_from=sources)
