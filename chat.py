@@ -2,9 +2,6 @@
 Asking a checkpoint about a picture: what sample.py (in a terminal) and serve.py (in a browser)
 share, so that both prepare a picture, build a prompt and generate an answer by one rule.
 
-  - load_model: the checkpoint, its tokenizer, whether it was fine-tuned (questions in the chat
-    template, answers ending at <|end|>) or pretrained (plain text continued up to
-    <|endoftext|>), and whether its image encoder was ever trained;
   - load_picture: a picture file, an uploaded file's bytes or a toy scene, through
     data/images.py's load_image at the checkpoint's image size;
   - encode_question and fit_context: the prompt, the picture's <|image|> placeholders first as
@@ -23,28 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import image_start_iter, load_checkpoint
 from data.errors import MissingFileError, UserError
 from data.images import load_image
-from data.tokenizer import Tokenizer
-from model import VLM, ModelConfig
-
-
-def load_model(path, device):
-    """The checkpoint's raw module (a compiled one would recompile for every new length), its
-    tokenizer, whether it was fine-tuned, and whether its image encoder was ever trained."""
-    checkpoint = load_checkpoint(path)
-    config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": False})  # eager references
-    model = VLM(config).to(device)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    fine_tuned = "pretrained_from" in checkpoint
-    if fine_tuned:
-        saw_images = True  # fine-tuning trains on image conversations
-    else:  # a pretraining checkpoint from before its image phase never saw an image
-        c = checkpoint["config"]
-        saw_images = c["image_ratio"] > 0 and checkpoint["iter_num"] > image_start_iter(c)
-    return model, Tokenizer(checkpoint.get("compact_vocab")), fine_tuned, saw_images
 
 
 def check_sampling(max_new_tokens, temperature, top_k):

@@ -218,20 +218,6 @@ def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts
     return model
 
 
-def image_start_iter(settings):
-    """The first step of a pretraining run that sees images (settings: pretrain.py's)."""
-    return round(settings["vision_start_frac"] * settings["max_iters"])
-
-
-def cosine_schedule(it, warmup_iters, total_iters, peak_lr, min_lr):
-    """Linear warmup to peak_lr, then a cosine decay that reaches min_lr at total_iters and
-    stays there. `it` may be fractional (an image phase replays the schedule stretched)."""
-    if it < warmup_iters:
-        return peak_lr * min(1.0, (it + 1) / warmup_iters)
-    progress = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
-
-
 def train_step(model, optimizer, micro_batches, autocast, vision_params, step_has_images, grad_clip):
     """One optimizer step over this rank's micro-batches [(x, y, images), ...].
     Returns (summed per-token losses [B, T] of each micro-batch, gradient norm)."""

@@ -40,21 +40,18 @@ import re
 import statistics
 import string
 import sys
-import time
 from collections import Counter
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from common import autocast_context, check_positive, load_checkpoint, resolve_device
+from common import autocast_context, check_positive, resolve_device
 from data.atomic import write_text
 from configurator import apply_overrides
 from data.errors import MissingFileError, UserError, report_user_errors
-from data.loader import PretrainLoader, to_device
+from data.loader import PretrainLoader
 from data.shards import find_shards
-from data.tokenizer import Tokenizer
-from model import VLM, ModelConfig
+from inference import Progress, greedy_answers, load_model, loglikelihoods
 
 # -----------------------------------------------------------------------------
 ckpt = "out/finetune/ckpt.pt"
@@ -185,86 +182,6 @@ def pick_option(loglikelihoods, options):
 def stable_score(accuracy, chance):
     """The study's summary: accuracy above chance, in points."""
     return 100.0 * (accuracy - chance)
-
-
-# ------------------------------------------------------------------ model queries (batched)
-
-class Progress:
-    """A one-line progress counter on stderr."""
-
-    def __init__(self, label, total):
-        self.label, self.total, self.done, self.start = label, total, 0, time.time()
-
-    def update(self, n):
-        self.done += n
-        end = "\n" if self.done >= self.total else ""
-        print(f"\r  {self.label}: {self.done}/{self.total} ({time.time() - self.start:.0f}s)", end=end,
-              file=sys.stderr, flush=True)
-
-
-def stack_images(image_store, indices):
-    """The images of a batch's rows, in row order ([0, H, W, 3] for text-only rows)."""
-    chosen = [image_store[i] for i in indices if i is not None]
-    return np.stack(chosen) if chosen else np.zeros((0, 1, 1, 3), np.uint8)
-
-
-@torch.no_grad()
-def loglikelihoods(model, requests, image_store, pad_id, device, autocast, batch_size, progress=None):
-    """(log-likelihood of each continuation after its context, whether greedy decoding would have
-    produced it exactly): lm-eval's (logprob, is_greedy). requests: [(context ids, continuation
-    ids, image index or None)]; a context needs at least one token (lm-eval conditions an empty
-    one on <|endoftext|>, see encode_pair). A sequence longer than block_size + 1 loses tokens
-    from the left, as in lm-eval. Rows are right-padded, which causal attention makes harmless;
-    image placeholders must already be in the context."""
-    keep = model.config.block_size + 1
-    head = model.lm_head.weight.float()
-    results = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
-        seqs = []
-        for ctx, cont, _ in chunk:
-            if len(ctx) == 0 or len(cont) == 0 or len(cont) >= keep:
-                raise ValueError(f"a log-likelihood request needs a context of 1 or more tokens and a continuation "
-                                 f"of 1 to {keep - 1} tokens; got {len(ctx)} and {len(cont)}")
-            seqs.append((list(ctx) + list(cont))[-keep:])
-        x = np.full((len(chunk), max(map(len, seqs)) - 1), pad_id, dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            x[row, :len(seq) - 1] = seq[:-1]
-        x, images = to_device([x, stack_images(image_store, [i for _, _, i in chunk])], device)
-        with autocast:
-            hidden = model.hidden_states(x, images)
-        for row, (seq, (_, cont, _)) in enumerate(zip(seqs, chunk)):
-            # only the positions that predict the continuation go through the head, in float32
-            predicting = hidden[row, len(seq) - 1 - len(cont):len(seq) - 1].float()
-            logp = F.log_softmax(F.linear(predicting, head), dim=-1)
-            target = torch.tensor(cont, device=logp.device)
-            results.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
-        if progress:
-            progress.update(len(chunk))
-    return results
-
-
-@torch.no_grad()
-def greedy_answers(model, prompts, image_store, stop_id, device, autocast, batch_size, max_new, progress=None):
-    """Greedy continuations of prompts [(ids, image index or None)]. Prompts of equal length
-    are batched together, so no padding (and no attention mask) is ever needed."""
-    answers = [None] * len(prompts)
-    by_length = {}
-    for i, (ids, _) in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            idx = np.array([prompts[i][0] for i in chunk], dtype=np.int64)
-            images = stack_images(image_store, [prompts[i][1] for i in chunk])
-            idx, images = to_device([idx, images], device)
-            with autocast:
-                new = model.generate(idx, images, max_new, stop_id=stop_id)
-            for i, row in zip(chunk, new.tolist()):
-                answers[i] = row[:row.index(stop_id)] if stop_id in row else row
-            if progress:
-                progress.update(len(chunk))
-    return answers
 
 
 def majority_baseline(task, items):
@@ -439,15 +356,6 @@ def markdown_table(results, summary, bpb):
     return "\n".join(lines)
 
 
-def load_model(path, device):
-    checkpoint = load_checkpoint(path)
-    config = ModelConfig(**{**checkpoint["model_config"], "use_kernels": False})  # eager references
-    model = VLM(config).to(device)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    return model, Tokenizer(checkpoint.get("compact_vocab"))
-
-
 KINDS = ("multiple_choice", "open", "yes_no")
 
 
@@ -540,7 +448,7 @@ def main(argv):
     s = settings
     dev = resolve_device(s["device"])
     autocast = autocast_context(torch.device(dev).type, s["dtype"])
-    model, tokenizer = load_model(s["ckpt"], dev)
+    model, tokenizer, _, _ = load_model(s["ckpt"], dev)
     if not os.path.isdir(s["data_dir"]):
         raise MissingFileError(f"data_dir {s['data_dir']}: no such folder")
     names = s["tasks"].split(",") if s["tasks"] else sorted(

@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
-                    claim_out_dir, compile_and_wrap, cosine_schedule, load_checkpoint, load_training_state, mean_loss,
+                    claim_out_dir, compile_and_wrap, load_checkpoint, load_training_state, mean_loss,
                     restore_rng_state, rng_state, save_checkpoint, setup_training, shard_model, stop_if_not_finite,
                     train_step, training_state)
 from configurator import apply_overrides
@@ -28,6 +28,7 @@ from data.loader import ConversationLoader, PretrainLoader
 from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer, vocab_growth
 from model import VLM, ModelConfig, configure_optimizer
+from schedule import cosine_schedule, finetune_steps
 
 # -----------------------------------------------------------------------------
 # defaults: the toy world's instruction tuning, a few minutes on 2 CPU cores (config/toy_sft.py
@@ -191,7 +192,7 @@ def next_batch():
     return x, y, images
 
 
-max_iters = epochs * math.ceil(train_loader.num_samples / (chat_rows * grad_accum))
+max_iters = finetune_steps(config, train_loader.num_samples)
 warmup_iters = round(warmup_frac * max_iters)
 iter_num = 0
 if resume:
@@ -220,7 +221,8 @@ def save(path):
         save_checkpoint(path, {
             "model": model_state, "optimizer": optimizer_state, "loader": loaders,
             "rng": rng_state(), "iter_num": iter_num, "config": config, "model_config": asdict(model_config),
-            "compact_vocab": tokenizer.compact_vocab, "pretrained_from": pretrained_from, "data": train_data})
+            "compact_vocab": tokenizer.compact_vocab, "stage": "finetune", "pretrained_from": pretrained_from,
+            "data": train_data})
 
 
 def validation_loss():

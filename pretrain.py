@@ -9,12 +9,11 @@ Many GPUs (DDP):
 
     torchrun --standalone --nproc_per_node=8 pretrain.py config/1b.py
 
-The schedule (the study's protocol, see README "The schedule"): the text run is max_iters
-steps of warmup + cosine decay. Images start at step S = round(vision_start_frac * max_iters);
-the image phase lasts image_iters steps and replays the rest of the text schedule, from S to
-max_iters, stretched to fit. At vision_start_frac = 1.0 the text schedule has finished, so the
-image phase re-warms to rewarm_lr and decays again. save_fracs keeps text-only checkpoints
-that other runs branch from with init_from=PATH (sweep.py trains the shared text prefix once).
+The schedule (the study's protocol) lives in schedule.py: the text run is max_iters steps of
+warmup + cosine decay; images start at step round(vision_start_frac * max_iters) and the image
+phase replays the rest of that schedule over image_iters steps. save_fracs keeps text-only
+checkpoints that other runs branch from with init_from=PATH (sweep.py trains the shared text
+prefix once).
 """
 
 import math
@@ -27,8 +26,7 @@ from dataclasses import asdict
 import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
-                    claim_out_dir, compile_and_wrap, cosine_schedule, image_start_iter, load_checkpoint,
-                    load_training_state, mean_loss, peak_flops, restore_rng_state, rng_state, save_checkpoint,
+                    claim_out_dir, compile_and_wrap, load_checkpoint, load_training_state, mean_loss, peak_flops, restore_rng_state, rng_state, save_checkpoint,
                     setup_training, shard_model, stop_if_not_finite, train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
@@ -36,6 +34,8 @@ from data.loader import PretrainLoader
 from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
 from model import VISION_ENCODERS, VLM, configure_optimizer, load_siglip, model_config_from_settings, siglip_folder
+from schedule import (IMAGE_RATIO_RAMPS, image_rows_per_micro_batch, image_ratio_at, image_start_step,
+                      learning_rate_at, text_checkpoint_name, total_steps)
 
 # -----------------------------------------------------------------------------
 # defaults: the toy world on a CPU, a 2-layer, 128-wide model, under a minute on 2 cores
@@ -101,7 +101,8 @@ vision_start_frac = 0.8
 # fraction something to change.
 image_iters = 600  # length of the image phase
 image_ratio = 0.5  # share of image-caption rows (= positions) in the image phase
-image_ratio_ramp_iters = 0  # > 0: ramp the ratio linearly from 0 over this many image-phase steps
+image_ratio_ramp_iters = 0  # > 0: ramp the ratio up from 0 over this many image-phase steps
+image_ratio_ramp = "linear"  # the ramp's shape: "linear" or "cosine" (slow, fast, slow); see schedule.py
 rewarm_lr = 1e-3  # the image phase's peak when vision_start_frac = 1.0
 rewarm_iters = 20
 # system
@@ -122,7 +123,7 @@ RUN_ONLY_SETTINGS = ["out_dir", "data_dir", "init_from", "overwrite", "save_frac
                      "compile", "use_kernels", "parallel"]
 # A branch (init_from=PATH, a text-only checkpoint) may also choose its own image phase.
 IMAGE_PHASE_SETTINGS = ["train_captions", "caption_len", "vision_start_frac", "image_iters", "image_ratio",
-                        "image_ratio_ramp_iters", "rewarm_lr", "rewarm_iters"]
+                        "image_ratio_ramp_iters", "image_ratio_ramp", "rewarm_lr", "rewarm_iters"]
 
 
 def check_settings():
@@ -155,13 +156,15 @@ def check_settings():
         raise UserError(f"image_ratio must lie in [0, 1], got {image_ratio}")
     if any(not 0.0 <= f <= 1.0 for f in save_fracs):
         raise UserError(f"save_fracs must lie in [0, 1], got {save_fracs}")
-    names = [f"ckpt_frac{f:.2f}.pt" for f in save_fracs]  # two fractions alike to 2 decimals would share one
+    names = [text_checkpoint_name(f) for f in save_fracs]  # two fractions alike to 2 decimals would share one
     if len(set(names)) < len(names):
         raise UserError(f"save_fracs {save_fracs} name one checkpoint twice: "
                         f"{', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     for name in ("image_iters", "warmup_iters", "rewarm_iters", "image_ratio_ramp_iters", "vit_depth"):
         if config[name] < 0:
             raise UserError(f"{name} must not be negative, got {config[name]}")
+    if image_ratio_ramp not in IMAGE_RATIO_RAMPS:
+        raise UserError(f"image_ratio_ramp must be one of {IMAGE_RATIO_RAMPS}, got {image_ratio_ramp!r}")
 
 
 check_settings()
@@ -172,31 +175,9 @@ device_type = torch.device(device).type
 out_dir_lock = claim_out_dir(out_dir, init_from != "resume", overwrite, rank, world_size, device)
 signals = StopSignals(verbose=master)  # already during set-up (it can take minutes): a signal stops at step one
 
-start_iter = image_start_iter(config)  # the first step that sees images
-total_iters = start_iter + image_iters
+start_iter = image_start_step(config)  # the first step that sees images
+total_iters = total_steps(config)
 save_iters = {round(f * max_iters): f for f in save_fracs}
-
-
-def lr_at(it):
-    """The learning rate of step `it` (README: "The schedule")."""
-    if it < start_iter:
-        return cosine_schedule(it, warmup_iters, max_iters, learning_rate, min_lr)
-    k = it - start_iter  # step within the image phase
-    if start_iter < max_iters:
-        # Continue the text schedule from where images start, stretched so that it ends
-        # (at min_lr) exactly when the image phase does.
-        stretched = start_iter + (max_iters - start_iter) * k / image_iters
-        return cosine_schedule(stretched, warmup_iters, max_iters, learning_rate, min_lr)
-    # The text schedule is over: warm up again and decay a second time.
-    return cosine_schedule(k, rewarm_iters, image_iters, rewarm_lr, min_lr)
-
-
-def image_ratio_at(it):
-    if it < start_iter:
-        return 0.0
-    if image_ratio_ramp_iters > 0:
-        return image_ratio * min(1.0, (it - start_iter + 1) / image_ratio_ramp_iters)
-    return image_ratio
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +228,7 @@ if init_from != "scratch":
     else:
         check_same_settings(saved, config, RUN_ONLY_SETTINGS + IMAGE_PHASE_SETTINGS, ckpt_path)
         check_same_data(checkpoint.get("data"), train_data, ckpt_path, may_differ=["train_captions"])
-        if checkpoint["iter_num"] > image_start_iter(saved):
+        if checkpoint["iter_num"] > checkpoint.get("image_start_step", image_start_step(saved)):
             raise UserError(f"{ckpt_path} is at step {checkpoint['iter_num']}, after its run's image start: "
                             "a branch must start from a text-only checkpoint")
         if checkpoint["iter_num"] > start_iter:
@@ -261,10 +242,9 @@ if init_from != "scratch":
     del checkpoint
 
 # Rows never change shape (see data/loader.py), but the number of image rows per micro-batch
-# does: at a fixed ratio it takes three values (0 and the two neighbours of ratio x batch_size);
-# a ramp passes through every count from 0 to ceil(ratio x batch_size), one compiled graph each.
-layouts = math.ceil(image_ratio * batch_size) + 1 if image_ratio_ramp_iters > 0 else 3
-model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts, parallel)
+# does, and each count is one compiled graph.
+layouts = image_rows_per_micro_batch(config)
+model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, len(layouts), parallel)
 
 if master:
     log = JsonlLog(os.path.join(out_dir, "log.jsonl"), resume_iter=iter_num if init_from == "resume" else None)
@@ -287,6 +267,7 @@ def save(path):
         save_checkpoint(path, {
             "model": model_state, "optimizer": optimizer_state,
             "loader": train_loader.state_dict(), "rng": rng_state(), "iter_num": iter_num,
+            "stage": "pretrain", "image_start_step": start_iter,
             "log_window": {"stats": window, "image_rows": image_rows, "step_rows": step_rows},
             "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab,
             "data": train_data})
@@ -327,7 +308,7 @@ if log_window is not None:
 stop_requested = False
 while True:
     if iter_num in save_iters and iter_num <= start_iter:
-        save(os.path.join(out_dir, f"ckpt_frac{save_iters[iter_num]:.2f}.pt"))
+        save(os.path.join(out_dir, text_checkpoint_name(save_iters[iter_num])))
     if iter_num % eval_interval == 0 or iter_num == total_iters:
         val = validation_losses()
         if master:
@@ -340,10 +321,10 @@ while True:
         save(os.path.join(out_dir, "ckpt.pt"))
 
     t0 = time.time()
-    lr = lr_at(iter_num)
+    lr = learning_rate_at(config, iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    ratio = image_ratio_at(iter_num)
+    ratio = image_ratio_at(config, iter_num)
     rows_before = train_loader.state["image_rows"]
     micro_batches = [train_loader.next_batch(ratio) for _ in range(accum_per_rank)]
     step_image_rows = train_loader.state["image_rows"] - rows_before  # over all ranks

@@ -32,6 +32,7 @@ import chat
 from common import autocast_context, resolve_device
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
+from inference import load_model
 
 # -----------------------------------------------------------------------------
 ckpt = "out/toy_sft/ckpt.pt"
@@ -71,7 +72,7 @@ def main(argv):
     dev = resolve_device(s["device"])
     autocast = autocast_context(torch.device(dev).type, s["dtype"])
     generator = torch.Generator(dev).manual_seed(s["seed"])
-    model, tokenizer, fine_tuned, saw_images = chat.load_model(s["ckpt"], dev)
+    model, tokenizer, fine_tuned, saw_images = load_model(s["ckpt"], dev)
 
     if s["image"] or s["toy_scene"] >= 0:
         chat.check_can_see(s["ckpt"], saw_images)

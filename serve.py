@@ -43,6 +43,7 @@ import chat
 from common import autocast_context, resolve_device
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
+from inference import load_model
 
 # -----------------------------------------------------------------------------
 ckpt = "out/toy_sft/ckpt.pt"
@@ -437,7 +438,7 @@ def main(argv):
     s["device"] = resolve_device(s["device"])
     autocast_context(torch.device(s["device"]).type, s["dtype"])  # a bad dtype stops here, not at the first question
     for path in [s["ckpt"]] + ([s["ckpt_b"]] if s["ckpt_b"] else []):
-        model, tokenizer, fine_tuned, saw_images = chat.load_model(path, s["device"])
+        model, tokenizer, fine_tuned, saw_images = load_model(path, s["device"])
         Handler.columns.append(dict(path=path, model=model, tokenizer=tokenizer, fine_tuned=fine_tuned,
                                     saw_images=saw_images, lock=threading.Lock()))
     Handler.settings = s

@@ -43,6 +43,14 @@ def layout_sample(tokens, train_mask, tokens_per_image, image_id, length, pad_id
     return seq[:-1], y
 
 
+def image_rows_for_slot(credit, image_ratio, batch_size):
+    """The credit counter: (image-caption rows of the next slot, the credit left over). Each
+    slot earns image_ratio * batch_size rows of credit and spends what it rounds to."""
+    credit += image_ratio * batch_size
+    n = min(batch_size, max(0, math.floor(credit + 0.5)))
+    return n, credit - n
+
+
 def to_device(arrays, device):
     """numpy -> torch on `device`; on CUDA through pinned memory, so the copy is asynchronous."""
     tensors = [torch.from_numpy(a) for a in arrays]
@@ -104,20 +112,13 @@ class PretrainLoader:
     def load_state_dict(self, state):
         self.state = dict(state)
 
-    def _image_rows(self, image_ratio):
-        """Rows of this slot that are image-caption rows (advances the credit counter)."""
-        self.state["image_credit"] += image_ratio * self.B
-        n = min(self.B, max(0, math.floor(self.state["image_credit"] + 0.5)))
-        self.state["image_credit"] -= n
-        return n
-
     def next_batch(self, image_ratio=0.0):
         """The next micro-batch of this rank: the first rows image-caption rows, the rest text."""
         if image_ratio > 0 and not self.captions:
             raise UserError("image_ratio > 0 but no image-caption shards were given")
         batch = None
         for r in range(self.world_size):
-            n_image = self._image_rows(image_ratio)
+            n_image, self.state["image_credit"] = image_rows_for_slot(self.state["image_credit"], image_ratio, self.B)
             n_text = self.B - n_image
             if r == self.rank:
                 batch = self._read(n_image, n_text)

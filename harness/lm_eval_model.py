@@ -26,7 +26,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 from common import autocast_context
 from configurator import apply_overrides
 from data.atomic import write_text
-from evaluate import greedy_answers, load_model, loglikelihoods
+from inference import greedy_answers, load_model, loglikelihoods
 
 # -----------------------------------------------------------------------------
 ckpt = "out/finetune/ckpt.pt"
@@ -101,7 +101,7 @@ def main(argv):
     apply_overrides(settings, argv)
     s = settings
     dev = s["device"] if s["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(s["ckpt"], dev)
+    model, tokenizer, _, _ = load_model(s["ckpt"], dev)
     lm = CheckpointLM(model, tokenizer, dev, autocast_context(torch.device(dev).type, s["dtype"]), s["batch_size"])
     results = simple_evaluate(model=lm, tasks=s["tasks"].split(","),
                               num_fewshot=None if s["num_fewshot"] < 0 else s["num_fewshot"],

@@ -22,7 +22,7 @@ from lmms_eval.api.model import lmms
 
 from common import autocast_context
 from data.images import load_image
-from evaluate import greedy_answers, load_model, loglikelihoods
+from inference import greedy_answers, load_model, loglikelihoods
 
 
 class CheckpointLMM(lmms):
@@ -35,7 +35,7 @@ class CheckpointLMM(lmms):
     @classmethod
     def load(cls, ckpt, device="auto", dtype="bfloat16", batch_size=32):
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(ckpt, device)
+        model, tokenizer, _, _ = load_model(ckpt, device)
         return cls(model, tokenizer, device, autocast_context(torch.device(device).type, dtype), batch_size)
 
     def _picture(self, doc_to_visual, doc_id, task, split):

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests never download
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import evaluate  # noqa: E402
+import inference  # noqa: E402
 from common import save_checkpoint  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from model import VLM, ModelConfig  # noqa: E402
@@ -176,7 +177,7 @@ def test_lm_eval_scores_a_checkpoint_as_evaluate_does(tiny, tmp_path):
     assert ours["accuracy"] == harness["acc,none"] and ours["acc_norm"] == harness["acc_norm,none"]
     # and item by item: the same token ids and the same log-likelihoods, bit for bit
     requests = [(*evaluate.encode_pair(tok, item["prompt"], " " + o), None) for item in ITEMS for o in item["options"]]
-    lls = evaluate.loglikelihoods(model, requests, None, tok.eot_id, "cpu", NO_AUTOCAST, 5)
+    lls = inference.loglikelihoods(model, requests, None, tok.eot_id, "cpu", NO_AUTOCAST, 5)
     samples = sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
     assert [tuple(r[0]) for s in samples for r in s["resps"]] == [(ll, greedy) for ll, greedy in lls]
     picks, start = [], 0
@@ -266,7 +267,7 @@ def test_lmms_eval_adapter_asks_what_evaluate_asks(lmms_adapter):
 
     lls = lm.loglikelihood([request("loglikelihood", i, lambda doc: doc["answer"]) for i in range(5)])
     P = config.tokens_per_image
-    expected = evaluate.loglikelihoods(
+    expected = inference.loglikelihoods(
         model, [([tok.image_id] * P + tok.encode_prompt(d["question"]), tok.encode(d["answer"]) + [tok.end_id], i)
                 for i, d in enumerate(docs)], store, tok.eot_id, "cpu", NO_AUTOCAST, 2)
     assert lls == expected

@@ -15,6 +15,7 @@ from PIL import Image
 
 import chat
 import evaluate
+import inference
 import sample
 from common import autocast_context
 from data.errors import UserError
@@ -55,10 +56,10 @@ def test_answers_equal_evaluate_greedy_generation(toy, capsys):
     with open(os.path.join(toy["data"], "eval_color_qa.json")) as f:
         items = json.load(f)["items"][:6]
     images = np.load(os.path.join(toy["data"], "eval_images.npy"))
-    model, tokenizer = evaluate.load_model(toy["sft"], "cpu")
+    model, tokenizer, _, _ = inference.load_model(toy["sft"], "cpu")
     P = model.config.tokens_per_image
     prompts = [([tokenizer.image_id] * P + tokenizer.encode_prompt(it["prompt"]), it["image"]) for it in items]
-    expected = evaluate.greedy_answers(model, prompts, images, tokenizer.end_id, "cpu",
+    expected = inference.greedy_answers(model, prompts, images, tokenizer.end_id, "cpu",
                                        autocast_context("cpu", "bfloat16"), 64, 8)
     assert any(expected)  # the tiny model says something, so the comparison is not of empty answers
     for item, answer in zip(items, expected):
@@ -102,7 +103,7 @@ def test_stdin_questions_are_one_conversation(toy, monkeypatch, capsys):
     assert "> what color is the circle?\n" in out and "> how many shapes are there?\n" in out
     assert err.startswith("error: text 'What is THIS?' uses cl100k id") and "compact vocabulary" in err
     # the second answer is the greedy continuation of picture, first turn, second question
-    model, tok = evaluate.load_model(toy["sft"], "cpu")
+    model, tok, _, _ = inference.load_model(toy["sft"], "cpu")
     picture = np.load(os.path.join(toy["data"], "eval_images.npy"))[2:3]
     first = tok.encode_prompt("what color is the circle?") + answers[0] + [tok.end_id]
     ids = [tok.image_id] * model.config.tokens_per_image + first + tok.encode_prompt("how many shapes are there?")
@@ -122,7 +123,7 @@ def test_the_oldest_turns_leave_a_full_context_first():
 
 
 def test_pretrained_model_continues_raw_text(toy, monkeypatch):
-    model, tok = evaluate.load_model(toy["pretrained"], "cpu")
+    model, tok, _, _ = inference.load_model(toy["pretrained"], "cpu")
     ids = tok.encode("three plus four is")
     with autocast_context("cpu", "bfloat16"):
         new = model.generate(torch.tensor([ids]), None, 8, stop_id=tok.eot_id)[0].tolist()

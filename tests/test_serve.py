@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import chat
+import inference
 import sample
 from tests.test_sample import toy  # noqa: F401 (the fixture: a toy world and its tiny checkpoints)
 from tests.tiny_data import ROOT
@@ -119,7 +119,7 @@ def test_browser_upload_question_and_streamed_answer_equal_sample(toy, server, b
     questions = ["what color is the circle?", "how many shapes are there?"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\n"))
     expected = sample.main([f"--ckpt={toy['sft']}", f"--image={picture}", f"--max_new_tokens={MAX_NEW_TOKENS}"])
-    tokenizer = chat.load_model(toy["sft"], "cpu")[1]
+    tokenizer = inference.load_model(toy["sft"], "cpu")[1]
     assert len(expected) == 2 and expected[0]  # the tiny model says something
 
     browser.get(f"http://127.0.0.1:{server['port']}/")

@@ -1,0 +1,95 @@
+"""
+The training schedules, as functions of a script's settings: the one place that says when
+images start, what the learning rate and the image ratio are at each step, which batch
+layouts the compiler will meet, and how many steps fine-tuning takes. pretrain.py,
+finetune.py, chat.py and sweep.py all ask here, so a new schedule is written once.
+
+The pretraining protocol (the study's): the text run is max_iters steps of warmup + cosine
+decay. Images start at step S = image_start_step(settings) = round(vision_start_frac *
+max_iters); the image phase lasts image_iters steps and replays the rest of the text schedule,
+from S to max_iters, stretched to fit. At vision_start_frac = 1.0 the text schedule has
+finished, so the image phase re-warms to rewarm_lr and decays again.
+"""
+
+import math
+
+from data.loader import image_rows_for_slot
+
+IMAGE_RATIO_RAMPS = ("linear", "cosine")  # how image_ratio_at climbs over image_ratio_ramp_iters
+
+
+def image_start_step(s):
+    """The first step of a pretraining run that sees images (s: pretrain.py's settings)."""
+    return round(s["vision_start_frac"] * s["max_iters"])
+
+
+def total_steps(s):
+    """The last step of a pretraining run, plus one: the text steps before images, then the image phase."""
+    return image_start_step(s) + s["image_iters"]
+
+
+def text_checkpoint_name(frac):
+    """The file name of the text-only checkpoint that save_fracs keeps at `frac` (and sweep.py
+    branches from). Two fractions alike to two decimals share a name."""
+    return f"ckpt_frac{frac:.2f}.pt"
+
+
+def cosine_schedule(it, warmup_iters, total_iters, peak_lr, min_lr):
+    """Linear warmup to peak_lr, then a cosine decay that reaches min_lr at total_iters and
+    stays there. `it` may be fractional (an image phase replays the schedule stretched)."""
+    if it < warmup_iters:
+        return peak_lr * min(1.0, (it + 1) / warmup_iters)
+    progress = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
+
+
+def learning_rate_at(s, it):
+    """The learning rate of pretraining step `it`."""
+    start = image_start_step(s)
+    if it < start:
+        return cosine_schedule(it, s["warmup_iters"], s["max_iters"], s["learning_rate"], s["min_lr"])
+    k = it - start  # step within the image phase
+    if start < s["max_iters"]:
+        # Continue the text schedule from where images start, stretched so that it ends
+        # (at min_lr) exactly when the image phase does.
+        stretched = start + (s["max_iters"] - start) * k / s["image_iters"]
+        return cosine_schedule(stretched, s["warmup_iters"], s["max_iters"], s["learning_rate"], s["min_lr"])
+    # The text schedule is over: warm up again and decay a second time.
+    return cosine_schedule(k, s["rewarm_iters"], s["image_iters"], s["rewarm_lr"], s["min_lr"])
+
+
+def image_ratio_at(s, it):
+    """The share of image-caption rows in pretraining step `it`: 0 before the image phase, then
+    image_ratio, reached over image_ratio_ramp_iters steps along image_ratio_ramp when that is
+    positive (the study's idea of a dynamic ratio)."""
+    start = image_start_step(s)
+    if it < start:
+        return 0.0
+    ramp = s["image_ratio_ramp_iters"]
+    if ramp <= 0:
+        return s["image_ratio"]
+    progress = min(1.0, (it - start + 1) / ramp)
+    if s["image_ratio_ramp"] == "cosine":  # slow, fast, slow: half a cosine wave from 0 to 1
+        progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+    return s["image_ratio"] * progress
+
+
+def image_rows_per_micro_batch(s):
+    """Every count of image-caption rows that a micro-batch can hold over the whole run, in
+    order: each count is a batch layout, and compiled graphs are specialised to their layout
+    (one compile each). Found by walking the loader's own credit counter (data/loader.py)
+    over every micro-batch slot of the schedule, so any ratio schedule is counted right."""
+    counts, credit = {0}, 0.0
+    for it in range(image_start_step(s), total_steps(s)):
+        ratio = image_ratio_at(s, it)
+        for _ in range(s["grad_accum"]):  # a step's slots, over all ranks
+            n, credit = image_rows_for_slot(credit, ratio, s["batch_size"])
+            counts.add(n)
+    return sorted(counts)
+
+
+def finetune_steps(s, conversations):
+    """Fine-tuning's step count: `epochs` passes over `conversations`, each step taking
+    (batch_size - text_rows) conversations per micro-batch, grad_accum micro-batches (s:
+    finetune.py's settings)."""
+    return s["epochs"] * math.ceil(conversations / ((s["batch_size"] - s["text_rows"]) * s["grad_accum"]))
