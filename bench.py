@@ -19,8 +19,8 @@ In order:
    plain module).
 5. kernels/bench.py: each kernel against eager PyTorch and torch.compile of its reference, at
    the 1B model's sizes (forward + backward, bf16: median time and extra peak memory).
-results.json (everything, raw), results.md (the tables, and issue #16's goals, each marked met
-or not) and kernel_tests.txt go to out_dir, rewritten after every step, so a run cut short
+results.json (everything, raw), results.md (the tables, and the speed goals, each marked
+met or not) and kernel_tests.txt go to out_dir, rewritten after every step, so a run cut short
 keeps what it measured. A step that fails (say, out of memory) is reported and the next runs.
 
 MFU is pretrain.py's: model.flops_per_token(seq_len) x tokens/s over the card's dense bf16
@@ -41,8 +41,6 @@ import types
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 # Triton reads TRITON_INTERPRET when the kernels are defined, at import: the compiled kernels on a
 # GPU, Triton's CPU interpreter elsewhere.
@@ -56,10 +54,11 @@ from configurator import apply_overrides, script_settings  # noqa: E402
 from data import shards  # noqa: E402
 from data.atomic import write_text  # noqa: E402
 from data.errors import report_user_errors  # noqa: E402
-from data.loader import PretrainLoader  # noqa: E402
+from data.loader import TextCaptionLoader  # noqa: E402
 from data.tokenizer import FULL_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
 from kernels.bench import ANCHOR_SHAPES, TINY_SHAPES, bench_kernels, ceilings  # noqa: E402
 from model import VLM, configure_optimizer, model_config_from_settings  # noqa: E402
+from textbook_llama import TextbookLlama  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GiB = 2**30
@@ -100,70 +99,6 @@ def bench_model_config(tiny):
 # ===============================================================================================
 
 
-class TextbookLlama(nn.Module):
-    """The baseline: a Llama-style decoder the way a tutorial writes it, in plain PyTorch. Same
-    shape and parameter count as our decoder, but separate q/k/v and SwiGLU matmuls, nn.RMSNorm,
-    rotate-half rotary, and an nn.Linear head whose full [tokens, vocab] logits go to
-    F.cross_entropy. Only torch.compile speeds it up."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.n_layer, self.n_embd, self.n_head, self.n_kv_head = c.n_layer, c.n_embd, c.n_head, c.n_kv_head
-        hd = c.n_embd // c.n_head
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.layers = nn.ModuleList()
-        for _ in range(c.n_layer):
-            layer = nn.Module()
-            layer.attn_norm, layer.mlp_norm = nn.RMSNorm(c.n_embd, c.norm_eps), nn.RMSNorm(c.n_embd, c.norm_eps)
-            layer.wq = nn.Linear(c.n_embd, c.n_head * hd, bias=False)
-            layer.wk = nn.Linear(c.n_embd, c.n_kv_head * hd, bias=False)
-            layer.wv = nn.Linear(c.n_embd, c.n_kv_head * hd, bias=False)
-            layer.wo = nn.Linear(c.n_embd, c.n_embd, bias=False)
-            # qk-norm as our decoder has it (config/1b.py, OpenLM): LayerNorm over all heads' q, k
-            layer.q_norm = nn.LayerNorm(c.n_head * hd, c.norm_eps, bias=False) if c.qk_norm else nn.Identity()
-            layer.k_norm = nn.LayerNorm(c.n_kv_head * hd, c.norm_eps, bias=False) if c.qk_norm else nn.Identity()
-            layer.w1 = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
-            layer.w3 = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
-            layer.w2 = nn.Linear(c.ffn_hidden, c.n_embd, bias=False)
-            self.layers.append(layer)
-        self.norm = nn.RMSNorm(c.n_embd, c.norm_eps)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
-        angles = torch.outer(torch.arange(c.block_size).float(), inv_freq).repeat(1, 2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-        for p in self.parameters():
-            if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
-
-    def flops_per_token(self, seq_len):
-        """The same count as model.VLM.flops_per_token."""
-        matmul_params = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel()
-        return 6 * matmul_params + 6 * self.n_layer * self.n_embd * seq_len
-
-    def forward(self, idx, targets):
-        B, T = idx.shape
-        cos, sin = self.cos[:T], self.sin[:T]
-
-        def rotate(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-        x = self.wte(idx)
-        for layer in self.layers:
-            h = layer.attn_norm(x)
-            q = layer.q_norm(layer.wq(h)).view(B, T, self.n_head, -1).transpose(1, 2)
-            k = layer.k_norm(layer.wk(h)).view(B, T, self.n_kv_head, -1).transpose(1, 2)
-            v = layer.wv(h).view(B, T, self.n_kv_head, -1).transpose(1, 2)
-            y = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True,
-                                               enable_gqa=self.n_kv_head != self.n_head)
-            x = x + layer.wo(y.transpose(1, 2).reshape(B, T, -1))
-            h = layer.mlp_norm(x)
-            x = x + layer.w2(F.silu(layer.w1(h)) * layer.w3(h))
-        logits = self.lm_head(self.norm(x))
-        return F.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=-1)
-
-
 def run_kernel_tests(selection):
     """tests/test_kernels.py in a subprocess: compiled on a GPU, interpreted on the CPU."""
     cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-p", "no:cacheprovider"]
@@ -190,7 +125,7 @@ def synthetic_loader(folder, config, seq_len, caption_len, eot_id):
                                      [rng.integers(0, ordinary, caption_len) for _ in range(n)], config.vocab_size)
     # the loader needs only these three of a tokenizer (the tiny model's ids are made up)
     tokenizer = types.SimpleNamespace(image_id=config.image_token_id, eot_id=eot_id, vocab_size=config.vocab_size)
-    return PretrainLoader(text_files=[text], caption_files=[captions], tokenizer=tokenizer, batch_size=batch_size,
+    return TextCaptionLoader(text_files=[text], caption_files=[captions], tokenizer=tokenizer, batch_size=batch_size,
                           seq_len=seq_len, tokens_per_image=config.tokens_per_image, caption_len=caption_len,
                           device=DEVICE)
 
@@ -254,7 +189,7 @@ def bench_ours(loader, config, freeze_vision, seq_len, rows, parallel="ddp"):
     torch.manual_seed(seed)
     with torch.device(DEVICE):
         raw_model = VLM(config)
-    raw_model.vision.encoder.requires_grad_(not freeze_vision)  # as pretrain.py: a frozen tower has no optimizer state
+    raw_model.set_trainable(encoder=not freeze_vision)  # as pretrain.py: a frozen tower has no optimizer state
     if parallel == "fsdp":
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if DEVICE == "cuda" else "gloo",
@@ -317,7 +252,7 @@ def bench_baseline(loader, config, seq_len, rows):
 
 
 def goals(r):
-    """Issue #16's targets that this run's results speak to: (goal, measured, met). met is None
+    """The speed targets (MFU, memory, beating the textbook baseline) that this run's results speak to: (goal, measured, met). met is None
     off a GPU, where the numbers say nothing about them."""
     out = []
 
@@ -386,7 +321,7 @@ def markdown(r):
                          f"{s['step_ms']:.1f} | {num(s['peak_gib'], '.1f')} | {num(s['first_step_s'], '.1f')} | "
                          f"{s['loss']:.3f} |")
         lines.append("")
-    lines += ["| goal (issue #16) | measured | met |", "|---|---|---|"]
+    lines += ["| goal | measured | met |", "|---|---|---|"]
     for goal, measured, met in r["goals"]:
         lines.append(f"| {goal} | {measured} | {'n/a' if met is None else 'yes' if met else 'NO'} |")
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ CPU), common.train_step, the fused AdamW of model.configure_optimizer, under
 common.autocast_context (bf16 where the CPU multiplies bf16 natively, float32 elsewhere);
 eager (pretrain.py's default) and through common.compile_and_wrap (--compile=True: inductor
 fuses the elementwise work into C++ loops; the first step pays for compiling, reported apart).
-The baseline is bench.py's TextbookLlama (the same decoder as a tutorial writes it: separate
+The baseline is textbook_llama.py's TextbookLlama (the same decoder as a tutorial writes it: separate
 q/k/v and SwiGLU matmuls, nn.RMSNorm, F.scaled_dot_product_attention, full logits into
 F.cross_entropy) with torch.optim.AdamW's defaults, timed in float32 and under bf16 autocast.
 Every variant trains on the same random batch. Rounds alternate between the variants, so a
@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from bench import TextbookLlama
 from common import autocast_context, compile_and_wrap, cpu_has_native_bf16, train_step
 from configurator import apply_overrides
 from model import VLM, ModelConfig, configure_optimizer
+from textbook_llama import TextbookLlama
 
 # -----------------------------------------------------------------------------
 n_layer = 4

@@ -49,7 +49,7 @@ from common import autocast_context, check_positive, resolve_device
 from data.atomic import write_text
 from configurator import apply_overrides
 from data.errors import MissingFileError, UserError, report_user_errors
-from data.loader import PretrainLoader
+from data.loader import TextCaptionLoader
 from data.shards import find_shards
 from inference import Progress, greedy_answers, load_model, loglikelihoods
 
@@ -291,7 +291,7 @@ def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_s
 def bits_per_byte(model, tokenizer, files, seq_len, batches, device, autocast, batch_size):
     """Text validation loss in bits per UTF-8 byte of the predicted text, which, unlike loss
     per token, compares models with different tokenizers. Special-token targets are left out."""
-    loader = PretrainLoader(text_files=files, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+    loader = TextCaptionLoader(text_files=files, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
                             device=device)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
     special = {tokenizer.eot_id, tokenizer.image_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id}

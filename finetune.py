@@ -24,7 +24,7 @@ from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check
                     train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
-from data.loader import ConversationLoader, PretrainLoader
+from data.loader import ConversationLoader, TextCaptionLoader
 from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer, vocab_growth
 from model import VLM, ModelConfig, configure_optimizer
@@ -151,9 +151,7 @@ if seq_len > model_config.block_size:
     raise UserError(f"seq_len {seq_len} exceeds the pretrained model's context length {model_config.block_size}")
 
 raw_model = VLM(model_config).to(device)
-for name, p in raw_model.named_parameters():
-    is_vision = name.startswith("vision.")
-    p.requires_grad = not ((freeze_vision and name.startswith("vision.encoder.")) or (freeze_decoder and not is_vision))
+raw_model.set_trainable(encoder=not freeze_vision, decoder=not freeze_decoder)
 shard_model(raw_model, parallel, autocast)  # FSDP: before the optimizer
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
 load_training_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"] if resume else None)
@@ -173,7 +171,7 @@ if train_loader.image_size != (model_config.image_size,) * 2:
                     f"{model_config.image_size}x{model_config.image_size}")
 # Chat-only fine-tuning at a toy model's learning rates erases what pretraining taught about
 # text; a few rows of pretraining text in every batch keep it (text_rows).
-text_loader = None if text_rows == 0 else PretrainLoader(
+text_loader = None if text_rows == 0 else TextCaptionLoader(
     text_files=find_shards(data_dir, train_text, hint=f"text_rows={text_rows} mixes rows of plain text into each "
                            "batch; to fine-tune on conversations only, set --text_rows=0"),
     tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len, rank=rank, world_size=world_size, device=device)

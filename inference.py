@@ -33,7 +33,7 @@ def load_model(path, device):
         saw_images = True  # fine-tuning trains on image conversations
     else:  # a pretraining checkpoint from before its image phase never saw an image
         c = checkpoint["config"]
-        start = checkpoint.get("image_start_step", image_start_step(c))
+        start = checkpoint["image_start_step"] if "image_start_step" in checkpoint else image_start_step(c)
         saw_images = c["image_ratio"] > 0 and checkpoint["iter_num"] > start
     return model, Tokenizer(checkpoint.get("compact_vocab")), fine_tuned, saw_images
 

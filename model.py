@@ -7,7 +7,8 @@ plus MLP projector whose outputs take the place of the <|image|> placeholder tok
 
 The encoder is either a PatchEncoder trained from scratch (the toy default; at depth 0 the
 study's plain patch projection, its ablation) or a pretrained SigLIP tower loaded from the
-Hugging Face Hub (the study's model, usually frozen): see load_siglip.
+Hugging Face Hub (the study's model, usually frozen), whose weights vision_weights.py loads;
+VISION_ENCODERS names them for the vision_encoder setting.
 The decoder is Llama-style: RMSNorm, rotary position embeddings, SwiGLU, optional grouped-query
 attention and qk-norm, causal scaled_dot_product_attention. An image row therefore reads its P
 image tokens, then its caption, under plain causal attention, as in the study (Keh et al. 2025).
@@ -23,8 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
-from safetensors import safe_open
 
 import kernels
 from data.errors import MissingFileError, UserError
@@ -74,29 +73,28 @@ class ModelConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-VISION_ENCODERS = ("patches", "siglip")
 # The ModelConfig fields that a pretraining script's settings of the same name set as they are.
 MODEL_SETTINGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "rope_theta", "tie_embeddings", "qk_norm",
                   "vision_encoder", "image_size", "patch_size", "vit_depth", "vit_width", "vit_heads",
                   "siglip_feature_layer")
 
 
-def model_config_from_settings(settings, vocab_size, image_token_id, siglip_dir=None, use_kernels=False):
+def model_config_from_settings(settings, vocab_size, image_token_id, weights_folder=None, use_kernels=False):
     """The ModelConfig that pretraining settings describe (pretrain.py's settings after its
     config files and --key=value overrides): the one place where settings become a model, for
-    pretrain.py, bench.py and sweep.py alike. The context (block_size) is seq_len. With
-    vision_encoder = "siglip" the tower's shape and normalisation come from its checkpoint
-    folder siglip_dir (siglip_config); without a folder they are ModelConfig's defaults,
-    SigLIP-B/16 at 224's, which is enough for estimates that must not download anything."""
+    pretrain.py, bench.py and sweep.py alike. The context (block_size) is seq_len. A pretrained
+    encoder's shape and normalisation come from its checkpoint folder `weights_folder`
+    (vision_weights.py finds it); without a folder they are ModelConfig's defaults (SigLIP-B/16
+    at 224's), which is enough for estimates that must not download anything."""
     s = settings
     if s["vision_encoder"] not in VISION_ENCODERS:
-        raise UserError(f"vision_encoder must be one of {VISION_ENCODERS}, got {s['vision_encoder']!r} "
-                        "(a SigLIP checkpoint is named by vision_weights)")
+        raise UserError(f"vision_encoder must be one of {tuple(VISION_ENCODERS)}, got {s['vision_encoder']!r} "
+                        "(a pretrained checkpoint is named by vision_weights)")
     fields = {name: s[name] for name in MODEL_SETTINGS}
-    if s["vision_encoder"] == "siglip" and siglip_dir is not None:
-        tower = siglip_config(siglip_dir)
+    if weights_folder is not None:
+        tower = VISION_ENCODERS[s["vision_encoder"]].config_fields(weights_folder)
         for key in ("image_size", "patch_size"):  # settings the data depends on: they must agree
-            if tower[key] != s[key]:
+            if key in tower and tower[key] != s[key]:
                 raise UserError(f"{key} is {s[key]}, but the vision encoder {s['vision_weights']} takes {tower[key]}")
         fields.update(tower)
     return ModelConfig(vocab_size=vocab_size, block_size=s["seq_len"], image_token_id=image_token_id,
@@ -216,10 +214,23 @@ class Pixels(nn.Module):
         return (images.float() - self.mean) / self.std
 
 
+# -----------------------------------------------------------------------------
+# Vision encoders. Each one takes uint8 images [N, H, W, 3] to patch features [N, P, width] and
+# owns three things: its modules, `config_fields` (the ModelConfig fields that a pretrained
+# checkpoint folder fixes, {} for one trained from scratch) and `no_weight_decay` (its
+# parameters that AdamW must not decay). VISION_ENCODERS below names them for the settings;
+# vision_weights.py loads the pretrained ones' weights.
+
 class PatchEncoder(nn.Module):
     """Trained from scratch: cut images into patches, embed each linearly, run vit_depth
     bidirectional blocks over them. With vit_depth = 0 this is the study's plain patch
     projection. Returns [N, P, vit_width]."""
+
+    no_weight_decay = ("pos_embed",)  # a position table, like the norms: not a weight to shrink
+
+    @staticmethod
+    def config_fields(folder):
+        return {}  # its shape is the settings' own
 
     def __init__(self, config, ops):
         super().__init__()
@@ -250,7 +261,7 @@ class PatchEncoder(nn.Module):
 class SiglipBlock(nn.Module):
     """One block of SigLIP's vision tower: pre-LayerNorm (with bias), biased multi-head
     attention over all patches, and a GELU (tanh) MLP. Module names follow the Hub
-    checkpoint's, so load_siglip's mapping stays short."""
+    checkpoint's, so vision_weights.load_siglip's mapping stays short."""
 
     def __init__(self, width, heads, mlp_width, eps):
         super().__init__()
@@ -275,7 +286,14 @@ class SiglipEncoder(nn.Module):
     a learnt position table, then the blocks. No CLS token. Returns [N, P, siglip_width]:
     the chosen block's patch features, without the final LayerNorm (as Prismatic takes them)."""
 
-    def __init__(self, config):
+    no_weight_decay = ("pos_embed",)
+
+    @staticmethod
+    def config_fields(folder):
+        """The tower's shape and normalisation, from its checkpoint folder (siglip_config)."""
+        return siglip_config(folder)
+
+    def __init__(self, config, ops=None):  # ops: the decoder's kernels; SigLIP's blocks are plain PyTorch
         super().__init__()
         c = config
         used = c.siglip_feature_layer if c.siglip_feature_layer >= 0 else c.siglip_depth + 1 + c.siglip_feature_layer
@@ -297,18 +315,48 @@ class SiglipEncoder(nn.Module):
         return x
 
 
+def siglip_config(folder):
+    """The ModelConfig fields that describe the SigLIP tower in `folder`: its shape from
+    config.json (a full SiglipModel's, whose vision_config holds it, or a vision-only
+    model's), its normalisation from preprocessor_config.json."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise MissingFileError(f"{path} does not exist: not a SigLIP checkpoint folder")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("model_type") not in ("siglip", "siglip_vision_model"):
+        raise UserError(f"{path}: model_type is {config.get('model_type')!r}, not a SigLIP model")
+    vision = config.get("vision_config", config)
+    # A Hub config.json may leave out values equal to transformers' SiglipVisionConfig
+    # defaults (SigLIP-B/16 at 224's), so those defaults fill any gap.
+    if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UserError(f"{path}: hidden_act {vision['hidden_act']!r}; SiglipBlock implements GELU (tanh) only")
+    fields = dict(vision_encoder="siglip", image_size=vision.get("image_size", 224),
+                  patch_size=vision.get("patch_size", 16), siglip_width=vision.get("hidden_size", 768),
+                  siglip_depth=vision.get("num_hidden_layers", 12), siglip_heads=vision.get("num_attention_heads", 12),
+                  siglip_mlp=vision.get("intermediate_size", 3072), siglip_eps=vision.get("layer_norm_eps", 1e-6))
+    # A vision-only folder saved without its image processor keeps ModelConfig's default
+    # normalisation, which is SigLIP's (mean 0.5, std 0.5).
+    processor = os.path.join(folder, "preprocessor_config.json")
+    if os.path.exists(processor):
+        with open(processor) as f:
+            processor = json.load(f)
+        fields.update(image_mean=tuple(processor["image_mean"]), image_std=tuple(processor["image_std"]))
+    return fields
+
+
+VISION_ENCODERS = {"patches": PatchEncoder, "siglip": SiglipEncoder}  # vision_encoder setting -> module
+
+
 class Vision(nn.Module):
     """Images to decoder-width embeddings [N, P, d_model]: the encoder, then an MLP projector
     (Linear, GELU, Linear: Prismatic's "gelu-mlp"). freeze_vision freezes the encoder only."""
 
     def __init__(self, config, ops):
         super().__init__()
-        if config.vision_encoder == "siglip":
-            self.encoder = SiglipEncoder(config)
-        elif config.vision_encoder == "patches":
-            self.encoder = PatchEncoder(config, ops)
-        else:
-            raise ValueError(f"vision_encoder must be 'patches' or 'siglip', got {config.vision_encoder!r}")
+        if config.vision_encoder not in VISION_ENCODERS:
+            raise ValueError(f"vision_encoder must be one of {tuple(VISION_ENCODERS)}, got {config.vision_encoder!r}")
+        self.encoder = VISION_ENCODERS[config.vision_encoder](config, ops)
         self.projector = nn.Sequential(nn.Linear(self.encoder.width, config.n_embd), nn.GELU(),
                                        nn.Linear(config.n_embd, config.n_embd))
 
@@ -365,7 +413,7 @@ class VLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # Random initialisation happens here, at construction, and only here: pretrained
-        # weights (load_siglip, a checkpoint's state dict) are loaded afterwards, so nothing
+        # weights (vision_weights.py, a checkpoint's state dict) are loaded afterwards, so nothing
         # ever overwrites them.
         self.apply(self._init_weights)
         # GPT-2's trick: scale the residual branches' output layers so the residual stream's
@@ -383,6 +431,14 @@ class VLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_trainable(self, encoder=True, decoder=True):
+        """Freezes the vision encoder and/or the decoder (the embeddings, blocks and head); the
+        projector always trains. Call it before configure_optimizer: frozen parameters get no
+        optimizer state."""
+        for name, p in self.named_parameters():
+            p.requires_grad = encoder if name.startswith("vision.encoder.") else \
+                True if name.startswith("vision.") else decoder
 
     def num_params(self, part="all"):
         """Parameters of the whole model, the decoder alone, or the vision encoder and
@@ -490,102 +546,11 @@ class VLM(nn.Module):
 
 def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
     """AdamW over the trainable parameters (frozen ones get no optimizer state), with weight
-    decay on matrices only (not norms, biases or the patch position table)."""
+    decay on matrices only (not norms, biases or what the encoder names in no_weight_decay)."""
+    exempt = {f"vision.encoder.{name}" for name in model.vision.encoder.no_weight_decay}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and name != "vision.encoder.pos_embed" else no_decay).append(p)
+            (decay if p.dim() >= 2 and name not in exempt else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
-
-
-# -----------------------------------------------------------------------------
-# A pretrained SigLIP vision tower from the Hugging Face Hub (or a local folder in its layout)
-
-SIGLIP_CONFIG_FILES = ("config.json", "preprocessor_config.json")
-
-
-def siglip_folder(source, revision, weights=True):
-    """The folder holding a SigLIP checkpoint's files: `source` itself when it is a local
-    folder, else the Hub repository `source` at the pinned `revision`, whose files
-    huggingface_hub downloads once into its cache. weights=False fetches only the small
-    config files (enough to build the model; its weights then come from our checkpoint)."""
-    if os.path.isdir(source):
-        return source
-    if source.startswith(("/", ".", "~")):
-        raise MissingFileError(f"vision_weights {source}: no such folder")
-    names = SIGLIP_CONFIG_FILES + (("model.safetensors",) if weights else ())
-    return os.path.dirname([hf_hub_download(source, name, revision=revision) for name in names][-1])
-
-
-def siglip_config(folder):
-    """The ModelConfig fields that describe the SigLIP tower in `folder`: its shape from
-    config.json (a full SiglipModel's, whose vision_config holds it, or a vision-only
-    model's), its normalisation from preprocessor_config.json."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise MissingFileError(f"{path} does not exist: not a SigLIP checkpoint folder")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("model_type") not in ("siglip", "siglip_vision_model"):
-        raise UserError(f"{path}: model_type is {config.get('model_type')!r}, not a SigLIP model")
-    vision = config.get("vision_config", config)
-    # A Hub config.json may leave out values equal to transformers' SiglipVisionConfig
-    # defaults (SigLIP-B/16 at 224's), so those defaults fill any gap.
-    if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise UserError(f"{path}: hidden_act {vision['hidden_act']!r}; SiglipBlock implements GELU (tanh) only")
-    fields = dict(vision_encoder="siglip", image_size=vision.get("image_size", 224),
-                  patch_size=vision.get("patch_size", 16), siglip_width=vision.get("hidden_size", 768),
-                  siglip_depth=vision.get("num_hidden_layers", 12), siglip_heads=vision.get("num_attention_heads", 12),
-                  siglip_mlp=vision.get("intermediate_size", 3072), siglip_eps=vision.get("layer_norm_eps", 1e-6))
-    # A vision-only folder saved without its image processor keeps ModelConfig's default
-    # normalisation, which is SigLIP's (mean 0.5, std 0.5).
-    processor = os.path.join(folder, "preprocessor_config.json")
-    if os.path.exists(processor):
-        with open(processor) as f:
-            processor = json.load(f)
-        fields.update(image_mean=tuple(processor["image_mean"]), image_std=tuple(processor["image_std"]))
-    return fields
-
-
-def load_siglip(encoder, folder):
-    """Copies the vision tower's weights from folder/model.safetensors into `encoder`, a
-    SiglipEncoder built from siglip_config(folder). Skipped: the text tower, and the parts of
-    the vision tower a VLM does not use (the pooling head, the final LayerNorm, the blocks
-    after the feature layer). Any other vision tensor, a missing one or one of another shape
-    is an error that names it."""
-    path = os.path.join(folder, "model.safetensors")
-    if not os.path.exists(path):
-        raise MissingFileError(f"{path} does not exist: not a SigLIP checkpoint folder")
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        # A full SiglipModel's vision tensors start with "vision_model."; a vision-only model
-        # saved by transformers 5 has no prefix (older versions wrote "vision_model." too).
-        prefix = "vision_model." if any(key.startswith("vision_model.") for key in keys) else ""
-        ours = encoder.state_dict()
-        theirs_of = {"patch_embed.weight": f"{prefix}embeddings.patch_embedding.weight",
-                     "patch_embed.bias": f"{prefix}embeddings.patch_embedding.bias",
-                     "pos_embed": f"{prefix}embeddings.position_embedding.weight"}
-        for name in ours:
-            if name.startswith("blocks."):
-                _, i, leaf = name.split(".", 2)
-                group = "self_attn." if leaf.startswith(("q_", "k_", "v_", "out_")) else \
-                    "mlp." if leaf.startswith("fc") else ""
-                theirs_of[name] = f"{prefix}encoder.layers.{i}.{group}{leaf}"
-        wanted = set(theirs_of.values())
-        unused = (f"{prefix}head.", f"{prefix}post_layernorm.") + tuple(
-            f"{prefix}encoder.layers.{i}." for i in range(len(encoder.blocks), encoder.depth))
-        for key in sorted(keys):
-            is_text = prefix and not key.startswith(prefix)  # text tower, logit_scale, logit_bias
-            if not is_text and key not in wanted and not key.startswith(unused):
-                raise UserError(f"{path}: unknown tensor {key} (not part of the SigLIP tower we build)")
-        state = {}
-        for name, key in theirs_of.items():
-            if key not in keys:
-                raise UserError(f"{path}: tensor {key} is missing")
-            tensor = f.get_tensor(key)
-            if tensor.shape != ours[name].shape:
-                raise UserError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(ours[name].shape)} (check the tower's config.json)")
-            state[name] = tensor
-    encoder.load_state_dict(state)

@@ -30,10 +30,11 @@ from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check
                     setup_training, shard_model, stop_if_not_finite, train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
-from data.loader import PretrainLoader
+from data.loader import TextCaptionLoader
 from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
-from model import VISION_ENCODERS, VLM, configure_optimizer, load_siglip, model_config_from_settings, siglip_folder
+from model import VISION_ENCODERS, VLM, configure_optimizer, model_config_from_settings
+from vision_weights import load_pretrained, weights_folder
 from schedule import (IMAGE_RATIO_RAMPS, image_rows_per_micro_batch, image_ratio_at, image_start_step,
                       learning_rate_at, text_checkpoint_name, total_steps)
 
@@ -138,7 +139,7 @@ def check_settings():
     if vision_encoder == "patches" and image_size % patch_size:
         raise UserError(f"patch_size ({patch_size}) must divide image_size ({image_size})")
     if vision_encoder not in VISION_ENCODERS:
-        raise UserError(f"vision_encoder must be one of {VISION_ENCODERS}, got {vision_encoder!r}")
+        raise UserError(f"vision_encoder must be one of {tuple(VISION_ENCODERS)}, got {vision_encoder!r}")
     if vision_encoder == "siglip" and not os.path.isdir(vision_weights) and (
             vision_weights.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", vision_weights)):
         raise UserError(f"vision_weights {vision_weights!r} is neither a local folder nor a Hub repository id "
@@ -183,16 +184,14 @@ save_iters = {round(f * max_iters): f for f in save_fracs}
 # -----------------------------------------------------------------------------
 # data and model
 tokenizer = load_tokenizer(data_dir)
-siglip_dir = None
-if vision_encoder == "siglip":
-    # Only a scratch start needs the pretrained weights; a resume or branch has them in its checkpoint.
-    siglip_dir = siglip_folder(vision_weights, vision_revision, weights=init_from == "scratch")
-model_config = model_config_from_settings(config, tokenizer.vocab_size, tokenizer.image_id, siglip_dir,
+# Only a scratch start needs the pretrained weights; a resume or branch has them in its checkpoint.
+encoder_folder = weights_folder(config, with_weights=init_from == "scratch")
+model_config = model_config_from_settings(config, tokenizer.vocab_size, tokenizer.image_id, encoder_folder,
                                           use_kernels=use_kernels and device_type == "cuda")
 
 
 def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
-    loader = PretrainLoader(
+    loader = TextCaptionLoader(
         text_files=find_shards(data_dir, text_pattern), caption_files=find_shards(data_dir, caption_pattern),
         tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len, tokens_per_image=model_config.tokens_per_image,
         caption_len=caption_len, rank=loader_rank, world_size=loader_world, device=device)
@@ -207,9 +206,9 @@ train_data = {name: fingerprint(find_shards(data_dir, config[name])) for name in
 val_loader = make_loader(val_text, val_captions, rank, world_size)
 
 raw_model = VLM(model_config).to(device)
-if vision_encoder == "siglip" and init_from == "scratch":
-    load_siglip(raw_model.vision.encoder, siglip_dir)
-raw_model.vision.encoder.requires_grad_(not freeze_vision)  # before the optimizer: no state for frozen ones
+if init_from == "scratch":
+    load_pretrained(raw_model.vision.encoder, config, encoder_folder)
+raw_model.set_trainable(encoder=not freeze_vision)  # before the optimizer: no state for frozen ones
 shard_model(raw_model, parallel, autocast)  # FSDP: before the optimizer, after the pretrained weights
 optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, (beta1, beta2), device_type)
 vision_params = [p for p in raw_model.vision.parameters() if p.requires_grad]

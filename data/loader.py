@@ -12,7 +12,7 @@ Pretraining rows come in two kinds, so shapes never change:
 The caption (and its <|endoftext|>) is the only thing trained on in an image-caption row.
 
 Which rows a micro-batch gets is decided by one global sequence of micro-batch "slots":
-slot s = (step * grad_accum + micro_step) * world_size + rank. Every rank walks every slot
+slot s = (step * micro-batches per rank + micro_step) * world_size + rank. Every rank walks every slot
 (cheap arithmetic) but reads only its own, so no two ranks read the same sample, and the
 whole state is a few numbers that are identical on every rank: resuming restores them and the
 data continues exactly. A credit counter (Bresenham's line algorithm) turns the image ratio
@@ -65,7 +65,7 @@ def _open_all(files, kind, vocab_size, what):
     return [read_shard(f, expected_kind=kind, vocab_size=vocab_size) for f in files]
 
 
-class PretrainLoader:
+class TextCaptionLoader:
     """Text rows and image-caption rows, mixed at the ratio the caller asks for each step.
     Without caption_files it gives text rows only (fine-tuning's text rows, evaluation).
     The tokenizer supplies the placeholder and end-of-text ids and the vocabulary size the

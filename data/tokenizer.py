@@ -85,11 +85,6 @@ class Tokenizer:
         """Plain text to ids. A special token's spelling in the text stays plain text."""
         return self._map(self.enc.encode_ordinary(text), text)
 
-    def encode_batch(self, texts):
-        """Like encode, for many texts at once (tiktoken runs them in threads)."""
-        batches = self.enc.encode_ordinary_batch(texts)
-        return [self._map(ids, text) for ids, text in zip(batches, texts)]
-
     def decode(self, ids):
         ids = [int(i) for i in ids]
         if self.compact_vocab is not None:

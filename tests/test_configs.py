@@ -106,7 +106,7 @@ def test_memory_per_gpu_equals_the_readme_table():
         tokenizer = Tokenizer()
         with torch.device("meta"):
             model = VLM(model_config_from_settings(settings, tokenizer.vocab_size, tokenizer.image_id))
-        model.vision.encoder.requires_grad_(not settings["freeze_vision"])
+        model.set_trainable(encoder=not settings["freeze_vision"])
         weights = sum(p.numel() for p in model.parameters())
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ddp = (4 * weights + 12 * trained) / 1e9

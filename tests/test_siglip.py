@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import train_step
-from model import VLM, ModelConfig, SiglipEncoder, configure_optimizer, load_siglip, siglip_config
+from model import VLM, ModelConfig, SiglipEncoder, configure_optimizer, siglip_config
+from vision_weights import load_siglip
 from tests.tiny_data import ROOT, make_tiny_dataset
 
 transformers = pytest.importorskip("transformers")
@@ -162,7 +163,7 @@ def test_a_frozen_tower_stays_bit_identical_while_the_projector_trains(tiny_fold
     torch.manual_seed(0)
     model = VLM(config)
     load_siglip(model.vision.encoder, tiny_folder)
-    model.vision.encoder.requires_grad_(False)
+    model.set_trainable(encoder=False)
     optimizer = configure_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
     encoder_before = {k: v.clone() for k, v in model.vision.encoder.state_dict().items()}
     projector_before = {k: v.clone() for k, v in model.vision.projector.state_dict().items()}
