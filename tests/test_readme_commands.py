@@ -1,9 +1,9 @@
-"""Every shell command in a code block of the README, and of the docs/ pages it links, runs here:
-in a copy of the repository, in the order the pages give them, at small sizes, with
---dry_run, or on local files where it would download. COMMANDS below says, for each command,
-what runs, or why it cannot run here. A command that the pages gain and COMMANDS does not
-know, or one that COMMANDS knows and the pages lost, fails the test: the list and the pages
-move together.
+"""Every shell command in a code block of the README, and of the docs/ pages it links (directly or
+through another page), runs here: in a copy of the repository, the README's first, then each
+page's in the order of the pages' names, at small sizes, with --dry_run, or on local files where
+it would download. COMMANDS below says, for each command, what runs, or why it cannot run here.
+A command that the pages gain and COMMANDS does not know, or one that COMMANDS knows and the
+pages lost, fails the test: the list and the pages move together.
 """
 
 import os
@@ -37,7 +37,7 @@ COMMANDS = {
     "pip install -r requirements-test.txt": ("not run", SETUP),
     "pip install --no-deps lmms-eval==0.7.3": ("not run", SETUP),
     "python -m pytest": ("not run", "the test suite itself (.ci/run runs it, test_ci_runs_the_readme_test_command)"),
-    # "What each stage does", "Ask the model about a picture"
+    # docs/stages.md, then docs/ask.md: sample.py in a terminal
     "python -m data.shards inspect data/toyworld/*.bin": "python -m data.shards inspect data/toyworld/*.bin",
     'python sample.py --ckpt=out/toy_sft/ckpt.pt --image=photo.png --prompt="what color is the circle?"':
         'python sample.py --ckpt=out/toy_sft/ckpt.pt --image=photo.png --prompt="what color is the circle?"',
@@ -50,7 +50,7 @@ COMMANDS = {
         "printf 'what color is the square?\\nhow many shapes are there?\\nwhere is the square?\\nis there a red circle?\\n"
         "describe the picture.\\n' | python sample.py --ckpt=out/toy_sft/ckpt.pt --toy_scene=3",
     "echo | python sample.py --ckpt=out/toy/ckpt.pt --toy_scene=3": "echo | python sample.py --ckpt=out/toy/ckpt.pt --toy_scene=3",
-    # "Your own data": on a small data set of one's own (tests/own_data.py writes it as shapes/)
+    # docs/own_data.md: on a small data set of one's own (tests/own_data.py writes it as shapes/)
     "python data/own/prepare.py --out_dir=data/own/shapes --vocab=out/toy/ckpt.pt --conversations=shapes/train.json "
     "--eval=shapes/test.jsonl":
         "python data/own/prepare.py --out_dir=data/own/shapes --vocab=out/toy/ckpt.pt "
@@ -60,12 +60,12 @@ COMMANDS = {
         f"{SMALL_FINETUNE}",
     "python evaluate.py --ckpt=out/shapes/ckpt.pt --data_dir=data/own/shapes --val_text=":
         "python evaluate.py --ckpt=out/shapes/ckpt.pt --data_dir=data/own/shapes --val_text=",
-    # "Ask in the browser"
+    # docs/ask.md: serve.py in the browser
     "python serve.py --ckpt=out/toy_f0.0_sft/ckpt.pt --ckpt_b=out/toy_sft/ckpt.pt":
         ("not run", "a server that runs until stopped: tests/test_serve.py starts it and drives its page in Chromium"),
-    # "The study in one command": the plan only (tests/test_sweep.py runs this grid at toy sizes)
+    # README, "The answer so far": the plan only (tests/test_sweep.py runs this grid at toy sizes)
     "python sweep.py config/toy_sweep.py": "python sweep.py config/toy_sweep.py --dry_run=True",
-    # "The study on a SLURM cluster": plans, since this machine has no SLURM
+    # docs/gpu_study.md, "The study on a SLURM cluster": plans, since this machine has no SLURM
     "python sweep.py config/1b_sweep.py --launcher=slurm --dry_run=True":
         "python sweep.py config/1b_sweep.py --launcher=slurm --dry_run=True",
     "python sweep.py config/1b_sweep.py --launcher=slurm --partition=gpu --account=myproject":
@@ -75,7 +75,7 @@ COMMANDS = {
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node0:29500 --rdzv_id=text1337 "
     "pretrain.py config/1b.py --out_dir=out/1b":
         ("not run", "needs two machines of 8 GPUs (tests/test_configs.py runs config/1b.py on the CPU)"),
-    # "Scores comparable with published ones"
+    # docs/scores.md
     "pip install -r harness/requirements.txt":
         ("not run", SETUP + " (requirements-test.txt and .ci/run install the same pins)"),
     "python -m harness.lm_eval_model --ckpt=out/toy_sft/ckpt.pt --tasks=arc_easy,hellaswag,piqa":
@@ -106,10 +106,18 @@ COMMANDS = {
 
 
 def pages():
-    """README.md and the docs/ pages it links, in that order."""
+    """README.md, then the docs/ pages it names or links, and those they link, by name."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    linked = sorted(set(re.findall(r"\(?(docs/[\w.-]+\.md)", readme)))
-    return ["README.md", *linked]
+    linked, todo = set(), set(re.findall(r"\(?(docs/[\w.-]+\.md)", readme))
+    while todo:
+        page = todo.pop()
+        linked.add(page)
+        text = open(os.path.join(ROOT, page)).read()
+        for link in re.findall(r"\]\(([\w./-]+\.md)", text):  # links between pages are relative to docs/
+            target = os.path.normpath(os.path.join("docs", link))
+            if target.startswith("docs" + os.sep) and target not in linked:
+                todo.add(target)
+    return ["README.md", *sorted(linked)]
 
 
 def shell_commands(text):
