@@ -48,7 +48,7 @@ epochs = 6
 batch_size = 32  # rows per micro-batch and rank
 # Of those rows, how many are plain pretraining text (0 = conversations only, as the study).
 # Chat-only tuning at the toy's learning rate took its text tasks from +49 to +4 points above
-# chance (text bits per byte 0.37 -> 3.55) with the same vision scores (measured, README);
+# chance (text bits per byte 0.37 -> 3.55) with the same vision scores (measured, docs/stages.md);
 # 8 text rows in 32 keep them.
 text_rows = 8
 grad_accum = 1  # micro-batches per step over all ranks

@@ -111,7 +111,7 @@ device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype ("float32" turns it off)
 compile = False  # torch.compile the model: what the GPU configs do; on the CPU it pays off past the toy runs
 use_kernels = True  # Triton kernels (CUDA only; the PyTorch references run elsewhere)
-parallel = "ddp"  # under torchrun: "ddp" (a full copy per GPU) or "fsdp" (FSDP2, sharded; README "Past one GPU")
+parallel = "ddp"  # under torchrun: "ddp" (a full copy per GPU) or "fsdp" (FSDP2, sharded; docs/gpu_study.md)
 # -----------------------------------------------------------------------------
 report_user_errors()  # a bad setting or file prints one "error:" line, not a traceback
 config = apply_overrides(globals(), sys.argv[1:])
@@ -172,7 +172,7 @@ check_settings()
 rank, local_rank, world_size, device, accum_per_rank, autocast = setup_training(device, grad_accum, seed, dtype)
 master = rank == 0
 device_type = torch.device(device).type
-# one writer per out_dir, and a new run never replaces another (README: "Faults and resumes")
+# one writer per out_dir, and a new run never replaces another (docs/faults.md)
 out_dir_lock = claim_out_dir(out_dir, init_from != "resume", overwrite, rank, world_size, device)
 signals = StopSignals(verbose=master)  # already during set-up (it can take minutes): a signal stops at step one
 

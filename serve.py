@@ -22,7 +22,7 @@ a checkpoint that never saw one, a question the checkpoint cannot encode or fit)
 message in the page, and the server carries on. It listens on 127.0.0.1 unless host says
 otherwise: whoever reaches the port can make the machine generate. For a server that runs for
 long, MALLOC_ARENA_MAX=2 keeps its memory flat (glibc's default arenas for the request threads
-grow it by some MiB over hundreds of questions; README, "Ask in the browser").
+grow it by some MiB over hundreds of questions; docs/ask.md).
 """
 
 import base64

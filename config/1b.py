@@ -4,7 +4,7 @@
 # image phase.
 # torchrun --standalone --nproc_per_node=8 pretrain.py config/1b.py
 out_dir = "out/1b"
-data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (README, "Running the real study")
+data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (docs/gpu_study.md)
 train_captions = "../cc12m/train_caption*.bin"  # image-caption shards, relative to data_dir
 val_captions = "../cc12m/val_caption*.bin"  # python data/cc3m/prepare.py --dataset=cc12m
 n_layer = 24

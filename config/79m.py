@@ -4,7 +4,7 @@
 # parameters to the 25M in the blocks (the study's count differs).
 # torchrun --standalone --nproc_per_node=8 pretrain.py config/79m.py
 out_dir = "out/79m"
-data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (README, "Running the real study")
+data_dir = "data/dclm"  # text shards: python data/dclm/prepare.py (docs/gpu_study.md)
 train_captions = "../cc3m/train_caption*.bin"  # image-caption shards, relative to data_dir
 val_captions = "../cc3m/val_caption*.bin"  # python data/cc3m/prepare.py
 n_layer = 8

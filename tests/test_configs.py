@@ -33,7 +33,7 @@ from tests.tiny_data import ROOT
 transformers = pytest.importorskip("transformers")  # the random SigLIP folder is saved by the reference
 from tests.test_siglip import TINY_VISION, save_full_siglip  # noqa: E402
 
-README = os.path.join(ROOT, "README.md")
+README = os.path.join(ROOT, "docs", "gpu_study.md")  # the model-size and FSDP tables, the sweep cost
 SIZE = 16  # the tiny SigLIP tower's image size (patches of 8: 4 image tokens)
 # Overrides of sizes and step counts only, for every pretraining config.
 SMALL_PRETRAIN = ["--n_layer=2", "--n_head=4", "--n_kv_head=4", "--n_embd=64", "--ffn_hidden=128", "--seq_len=64",
