@@ -345,7 +345,10 @@ def siglip_config(folder):
     return fields
 
 
-VISION_ENCODERS = {"patches": PatchEncoder, "siglip": SiglipEncoder}  # vision_encoder setting -> module
+VISION_ENCODERS = {  # the vision_encoder setting -> its module
+    "patches": PatchEncoder,
+    "siglip": SiglipEncoder,
+}
 
 
 class Vision(nn.Module):
@@ -422,7 +425,9 @@ class VLM(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 depth = c.n_layer if name.startswith("blocks.") else max(c.vit_depth, 1)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
-        nn.init.normal_(self.vision.encoder.pos_embed, mean=0.0, std=0.02)
+        pos_embed = getattr(self.vision.encoder, "pos_embed", None)  # an encoder's learnt position table
+        if pos_embed is not None:
+            nn.init.normal_(pos_embed, mean=0.0, std=0.02)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

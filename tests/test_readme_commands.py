@@ -37,6 +37,12 @@ COMMANDS = {
     "pip install -r requirements-test.txt": ("not run", SETUP),
     "pip install --no-deps lmms-eval==0.7.3": ("not run", SETUP),
     "python -m pytest": ("not run", "the test suite itself (.ci/run runs it, test_ci_runs_the_readme_test_command)"),
+    # README, "Fork it": the cosine ramp at small sizes; the encoder needs the README's diff applied
+    "python pretrain.py config/toy.py --image_ratio_ramp=cosine --image_ratio_ramp_iters=300 --out_dir=out/toy_cosine":
+        f"python pretrain.py config/toy.py --image_ratio_ramp=cosine --image_ratio_ramp_iters=3 "
+        f"--out_dir=out/toy_cosine {SMALL_PRETRAIN}",
+    "python pretrain.py config/toy.py --vision_encoder=conv --out_dir=out/toy_conv":
+        ("not run", "needs the README's diff to model.py: tests/test_fork.py applies it and runs this at toy size"),
     # docs/stages.md, then docs/ask.md: sample.py in a terminal
     "python -m data.shards inspect data/toyworld/*.bin": "python -m data.shards inspect data/toyworld/*.bin",
     'python sample.py --ckpt=out/toy_sft/ckpt.pt --image=photo.png --prompt="what color is the circle?"':
