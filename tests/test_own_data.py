@@ -126,6 +126,29 @@ def test_a_rerun_resumes_and_another_vocabulary_is_refused(prepared, toy_checkpo
         prepare.main(args[:1] + ["--vocab=compact", "--image_size=64"] + args[2:])
 
 
+def test_a_rerun_with_fewer_rows_removes_the_shards_it_no_longer_makes(tmp_path, toy_checkpoint):
+    files = make_own_dataset(str(tmp_path / "files"))
+    with open(files["chat"]) as f:
+        rows = json.load(f)
+    def write(folder, n):  # the first n rows (well-formed ones), under one file name: the same shards' names
+        path = tmp_path / folder / "chat.json"
+        path.parent.mkdir()
+        with open(path, "w") as f:
+            json.dump([dict(r, image=os.path.join(os.path.dirname(files["chat"]), r["image"])) for r in rows[:n]], f)
+        return path
+
+    more, fewer = write("more", 30), write("fewer", 10)
+    out = tmp_path / "prepared"
+    common = [f"--out_dir={out}", f"--vocab={toy_checkpoint}", "--val_every=5", "--shard_rows=10", "--num_proc=1"]
+    prepare.main(common + [f"--conversations={more}"])
+    before = sorted(n for n in os.listdir(out) if n.startswith("train_chat"))
+    assert len(before) > 1
+    prepare.main(common + [f"--conversations={fewer}"])
+    after = sorted(n for n in os.listdir(out) if n.startswith("train_chat"))
+    assert after == before[:1]  # the first ten rows' shard only
+    assert json.load(open(out / "sources.json")).keys() >= set(after)
+
+
 @pytest.mark.parametrize("problem, make, message", [
     ("a JSON object, not a list", lambda d: (d / "c.json").write_text('{"image": "x"}'), "c.json: expected a JSON list"),
     ("JSON that does not parse", lambda d: (d / "c.json").write_text('[{"image": '), "c.json: not valid JSON"),

@@ -60,7 +60,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from data.atomic import atomic_write  # noqa: E402
 from data.benchmarks.prepare import Progress, Skip, decode, write_json  # noqa: E402
 from data.errors import MissingFileError, UserError, report_user_errors  # noqa: E402
-from data.hub import report, run_jobs  # noqa: E402
+from data.hub import remove_stale, report, run_jobs  # noqa: E402
 from data.images import load_image  # noqa: E402
 from data.shards import read_shard, write_conversation_shard, write_image_caption_shard  # noqa: E402
 from data.tokenizer import Tokenizer, extended_vocab  # noqa: E402
@@ -276,6 +276,9 @@ def prepare_training_file(kind, name, path, samples, skipped, args, vocab):
                         "first_row": start, "settings": {"image_size": args.image_size, "vocab": args.vocab,
                                                          "val_every": args.val_every,
                                                          "shard_rows": args.shard_rows}})
+    # an earlier run over more rows of this file left shards past this run's last: they would join training
+    remove_stale(args.out_dir, [f"{split}_{kind}_{name}_*.bin" for split in ("train", "val")],
+                 [p for _, (*_, train, val) in jobs for p in (train, val)])
     unit = "conversations" if kind == "chat" else "pairs"
     n, decode_skips = run_jobs(write_training_shards, jobs, args.num_proc, lambda shard: shard.num_samples,
                                unit=unit, made_from=sources)
