@@ -22,21 +22,25 @@
 # fine-tuning): the dry run prints the total. branch_point_ckpt is off here, as the test of the
 # shared prefix it serves would add 20 GB per cell.
 # Fine-tuning with --finetune_args="('--seq_len=1024',)" would halve its share if the
-# conversations fit (196 image tokens + the chat). A cheaper first look: --ratios="(0.1,)" (about
-# half), or --fracs="(0.4, 0.8, 1.0)".
+# conversations fit (196 image tokens + the chat). A cheaper first look: image_ratio (0.1,) alone
+# (about half), --axes="{'vision_start_frac': (0.4, 0.8, 1.0), 'image_ratio': (0.1,)}" (a quarter).
 sweep_dir = "out/1b_sweep"
 data_dir = ""  # each stage's own: config/1b.py's text and captions, config/1b_sft.py's conversations
 pretrain_config = "config/1b.py"
 sft_config = "config/1b_sft.py"
-fracs = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-ratios = (0.1, 0.3)
+axes = {"vision_start_frac": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "image_ratio": (0.1, 0.3)}
+# The study's fourth variable: the paper fine-tuned for several epoch counts, and 2 to 4 balanced
+# the vision and text scores. Each value adds a fine-tuning and an evaluation to every cell (174
+# GPU-h per seed for the 2 epochs of config/1b_sft.py, the rest in proportion); the image phases
+# are shared.
+# axes["finetune.epochs"] = (1, 2, 4)
 seeds = (1337,)
 pretrain_args = ()
 finetune_args = ()
 # the study's benchmarks (python data/benchmarks/prepare.py); they hold no validation text shards
 evaluate_args = ("--data_dir=data/benchmarks", "--val_text=")
 nproc = 8
-parallel = 1
+cells_at_once = 1
 branch_point_ckpt = False
 # SLURM: each training job gets `nodes` nodes of `nproc` GPUs; stages longer than time_limit run
 # as several jobs (the text run and each image phase take 18.6 hours on 8 GPUs)
