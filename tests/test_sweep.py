@@ -367,23 +367,21 @@ def test_slurm_dry_run_prints_every_job_and_submits_nothing(data_dir, slurm_dir,
     training = float(total[1]) - 4 * 1.0
     assert float(slower_total[1]) == pytest.approx(2 * training + 4 * 0.5, abs=0.15)
     assert slower_total[2] == total[2]  # the same checkpoints
-    # several nodes: torchrun on each, meeting at the first; evaluation stays one process
+    # several nodes: torchrun on each, meeting at the first; evaluation stays one process. And a
+    # fine-tuning axis: one image phase, which both fine-tunings wait for.
     code, output = sweep(data_dir, slurm_dir, (0.0,), (0.2,), *SLURM_ARGS, "--dry_run=True", "--nodes=2",
-                         "--nproc=4", env=slurm)
+                         "--nproc=4", epochs=(1, 2), env=slurm)
     assert code == 0, output
     lines = output.splitlines()
     text_command, eval_command = (lines[i + 1] for i, line in enumerate(lines) if "part 1 of" in line
-                                  and ("text run" in line or "evaluation" in line))
+                                  and ("text run" in line or "epochs 1 evaluation" in line))
     for word in ("-m torch.distributed.run", "--nnodes=$SLURM_NNODES", "--rdzv_backend=c10d", "--nproc_per_node=4"):
         assert word in text_command
     assert "torch.distributed.run" not in eval_command and "evaluate.py" in eval_command
-    # a fine-tuning axis: one image phase, which both fine-tunings wait for
-    code, output = sweep(data_dir, slurm_dir, (0.0,), (0.2,), *SLURM_ARGS, "--dry_run=True", epochs=(1, 2), env=slurm)
-    assert code == 0, output
     assert output.count("image phase, part 1 of 1") == 1
-    assert "job #4: seed 1337 frac 0.00 ratio 0.20 image phase, part 1 of 1, after #1" in output
-    assert "job #5: seed 1337 frac 0.00 ratio 0.20 epochs 1 fine-tuning, part 1 of 1, after #4" in output
-    assert "job #7: seed 1337 frac 0.00 ratio 0.20 epochs 2 fine-tuning, part 1 of 1, after #4" in output
+    assert "job #2: seed 1337 frac 0.00 ratio 0.20 image phase, part 1 of 1, after #1" in output
+    assert "job #3: seed 1337 frac 0.00 ratio 0.20 epochs 1 fine-tuning, part 1 of 1, after #2" in output
+    assert "job #5: seed 1337 frac 0.00 ratio 0.20 epochs 2 fine-tuning, part 1 of 1, after #2" in output
     code, output = sweep(data_dir, slurm_dir, (0.0,), (0.2,), *SLURM_ARGS, "--dry_run=True", "--time_limit=soon",
                          env=slurm)
     assert code != 0 and "time_limit 'soon' is not a SLURM time" in output
