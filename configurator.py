@@ -22,9 +22,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _settings(namespace):
-    """The script's settings: its public globals of plain data types."""
+    """The script's settings: its public globals of plain data types (a dict: sweep.py's axes)."""
     return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, list))}
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, list, dict))}
 
 
 def _checked(key, value, default, source):

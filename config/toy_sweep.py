@@ -10,8 +10,8 @@ sweep_dir = "out/toy_sweep"
 data_dir = "data/toyworld"
 pretrain_config = "config/toy.py"
 sft_config = "config/toy_sft.py"
-fracs = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-ratios = (0.5,)
+# Image ratio 0.5 over the 600 image steps grounds the captions; 0.3 over 200 did not (docs/toy_notes.md)
+axes = {"vision_start_frac": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "image_ratio": (0.5,)}
 # Three seeds: one seed's differences between neighbouring cells are about as large as what a
 # second seed moves (README), so the table and plot show min..max over these.
 seeds = (1337, 1338, 1339)
@@ -22,4 +22,4 @@ nproc = 1
 # Two cells at once with one thread each: a training step of this model took ~105 ms on one
 # thread and ~70 ms on two, so two one-thread runs do ~1.3x the work of one two-thread run, and
 # a two-thread run slows down many times whenever anything else wants a core.
-parallel = 2
+cells_at_once = 2

@@ -37,11 +37,13 @@ def sweep_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("sweep"))
 
 
-def sweep(data_dir, sweep_dir, fracs, ratios, *more, env=None):
-    """Runs sweep.py; returns (exit code, its output without the settings it echoes)."""
+def sweep(data_dir, sweep_dir, fracs, ratios, *more, env=None, epochs=None):
+    """Runs sweep.py on the grid of start fractions x image ratios (x fine-tuning epochs); returns
+    (exit code, its output without the settings it echoes)."""
+    axes = {"vision_start_frac": fracs, "image_ratio": ratios, **({"finetune.epochs": epochs} if epochs else {})}
     result = subprocess.run(
-        [sys.executable, "sweep.py", f"--sweep_dir={sweep_dir}", f"--data_dir={data_dir}", f"--fracs={fracs}",
-         f"--ratios={ratios}", "--parallel=2", f"--pretrain_args={TINY_PRETRAIN}",
+        [sys.executable, "sweep.py", f"--sweep_dir={sweep_dir}", f"--data_dir={data_dir}", f"--axes={axes}",
+         "--cells_at_once=2", f"--pretrain_args={TINY_PRETRAIN}",
          f"--finetune_args={TINY_FINETUNE}", "--evaluate_args=('--max_items=8',)", *more],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     output = "\n".join(line for line in (result.stdout + result.stderr).splitlines() if not line.startswith("config:"))
@@ -82,7 +84,8 @@ def test_every_cell_finishes_and_the_results_have_a_row_each(first_run, sweep_di
         assert os.path.getsize(os.path.join(sweep_dir, name)) > 0, name
     with open(os.path.join(sweep_dir, "results.json")) as f:
         runs = json.load(f)["runs"]
-    assert sorted((r["fraction"], r["ratio"]) for r in runs) == [(0.0, 0.2), (0.0, 0.5), (0.5, 0.2), (0.5, 0.5)]
+    assert sorted((r["vision_start_frac"], r["image_ratio"]) for r in runs) == [
+        (0.0, 0.2), (0.0, 0.5), (0.5, 0.2), (0.5, 0.5)]
     for r in runs:
         assert r["status"] == "ok" and r["seed"] == 1337
         for key in ("color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc", "vision_avg",
@@ -129,7 +132,7 @@ def test_a_second_seed_adds_its_runs_and_the_spread_over_seeds(first_run, local_
     with open(os.path.join(sweep_dir, "results.json")) as f:
         results = json.load(f)
     for e in results["over_seeds"]:
-        runs = [r for r in results["runs"] if r["fraction"] == e["fraction"]]
+        runs = [r for r in results["runs"] if r["vision_start_frac"] == e["vision_start_frac"]]
         assert e["seeds"] == [1337, 1338] and len(runs) == 2
         values = [r["vision_avg"] for r in runs]
         assert e["vision_avg"]["min"] == min(values) and e["vision_avg"]["max"] == max(values)
@@ -138,7 +141,77 @@ def test_a_second_seed_adds_its_runs_and_the_spread_over_seeds(first_run, local_
         text = f.read()
     assert "## Over seeds: mean (min .. max)" in text
     assert re.search(r"\| 0\.50 \| 0\.50 \| 2 \| [+-]\d+\.\d \([+-]\d+\.\d \.\. [+-]\d+\.\d\) \|", text)
-    assert "- vision average, image ratio 0.5: " in text and "- text average, image ratio 0.5: " in text
+    assert "- vision average, image_ratio 0.50: " in text and "- text average, image_ratio 0.50: " in text
+
+
+def test_a_fine_tuning_axis_shares_the_image_phase(first_run, data_dir, sweep_dir):
+    assert first_run[0] == 0, first_run[1]
+    code, output = sweep(data_dir, sweep_dir, (0.5,), (0.3,), epochs=(1, 2))
+    assert code == 0, output
+    assert "reused   seed 1337 text run" in output
+    # one image phase, in the folder its pretraining values name, for both fine-tunings
+    assert output.count("start    seed 1337 frac 0.50 ratio 0.30 image phase") == 1
+    image_dir = os.path.join(cell(sweep_dir, 0.5, 0.3), "pretrain")
+    assert os.listdir(cell(sweep_dir, 0.5, 0.3)) == ["pretrain"]
+    steps = {}
+    for epochs in (1, 2):
+        directory = cell(sweep_dir, 0.5, 0.3) + f"_epochs{epochs}"
+        assert sorted(os.listdir(directory)) == ["evaluate", "finetune"]
+        checkpoint = torch.load(os.path.join(directory, "finetune", "ckpt.pt"), map_location="cpu", weights_only=False)
+        assert checkpoint["config"]["init_from"] == os.path.join(image_dir, "ckpt.pt")
+        assert checkpoint["config"]["epochs"] == epochs  # the axis, over finetune_args' --epochs=1
+        steps[epochs] = checkpoint["iter_num"]
+    assert steps[2] == 2 * steps[1] > 0
+    with open(os.path.join(sweep_dir, "results.json")) as f:
+        runs = json.load(f)["runs"]
+    assert [(r["vision_start_frac"], r["image_ratio"], r["epochs"], r["seed"], r["status"]) for r in runs] == [
+        (0.5, 0.3, 1, 1337, "ok"), (0.5, 0.3, 2, 1337, "ok")]
+    assert isinstance(runs[0]["caption_grounding"], float)
+    assert runs[0]["caption_grounding"] == runs[1]["caption_grounding"]  # read from the one image phase
+    with open(os.path.join(sweep_dir, "results.csv")) as f:
+        assert next(csv.reader(f))[:5] == ["vision_start_frac", "image_ratio", "epochs", "seed", "status"]
+    with open(os.path.join(sweep_dir, "results.md")) as f:
+        assert re.search(r"^\| 0\.50 \| 0\.30 \| 1 \| 1337 \| [+-]\d", f.read(), re.M)
+
+
+@pytest.fixture
+def sweep_module(monkeypatch):
+    """sweep.py as a module, its grid read afresh from its `axes`."""
+    monkeypatch.setattr(sys, "argv", ["sweep.py"])
+    import sweep
+    sweep.grid_axes.cache_clear()
+    yield sweep
+    sweep.grid_axes.cache_clear()
+
+
+def test_an_axis_takes_a_prefix_where_both_scripts_have_its_name(sweep_module):
+    axes = sweep_module.read_axes({"finetune.epochs": (1, 2), "image_ratio": (0.5,),
+                                   "pretrain.vision_start_frac": (0.0,), "finetune.learning_rate": (1e-3,),
+                                   "pretrain.image_iters": (300,)})
+    # vision_start_frac first, as in the folder names; a name is bare where it is one script's alone
+    assert [(a.name, a.script, a.setting) for a in axes] == [
+        ("vision_start_frac", "pretrain.py", "vision_start_frac"), ("epochs", "finetune.py", "epochs"),
+        ("image_ratio", "pretrain.py", "image_ratio"), ("finetune.learning_rate", "finetune.py", "learning_rate"),
+        ("image_iters", "pretrain.py", "image_iters")]
+    assert axes[1].values == (1, 2)
+    # the refusals (ambiguous, unknown, not an image-phase setting, ...) are in tests/test_user_errors.py
+
+
+def test_folders_are_named_by_the_axes_and_the_image_phase_by_its_own(sweep_module, monkeypatch):
+    monkeypatch.setattr(sweep_module, "sweep_dir", "S")
+    monkeypatch.setattr(sweep_module, "axes", {"image_ratio": (0.5,), "vision_start_frac": (0.8,)})
+    key = (1337, 0.8, 0.5)
+    assert sweep_module.cell_dir(key) == "S/seed1337/frac0.80_ratio0.50"  # the names sweeps always had
+    assert sweep_module.image_phase_dir(key) == "S/seed1337/frac0.80_ratio0.50/pretrain"
+    assert sweep_module.cell_label(key) == "seed 1337 frac 0.80 ratio 0.50"
+    monkeypatch.setattr(sweep_module, "axes", {"vision_start_frac": (0.8,), "image_ratio": (0.5,),
+                                               "finetune.epochs": (4,), "image_iters": (600,)})
+    sweep_module.grid_axes.cache_clear()
+    key = (1337, 0.8, 0.5, 4, 600)
+    assert sweep_module.cell_dir(key) == "S/seed1337/frac0.80_ratio0.50_epochs4_image_iters600"
+    assert sweep_module.image_phase_dir(key) == "S/seed1337/frac0.80_ratio0.50_image_iters600/pretrain"
+    assert sweep_module.cell_label(key, "pretrain.py") == "seed 1337 frac 0.80 ratio 0.50 image_iters 600"
+    assert sweep_module.image_phase_key(key) == (1337, 0.8, 0.5, 600)
 
 
 def test_only_ranges_that_do_not_overlap_count_as_a_difference(monkeypatch):
@@ -146,7 +219,7 @@ def test_only_ranges_that_do_not_overlap_count_as_a_difference(monkeypatch):
     import sweep
 
     def entry(frac, low, high):
-        return {"fraction": frac, "seeds": [1, 2, 3], "vision_avg": {"min": low, "max": high}}
+        return {"vision_start_frac": frac, "seeds": [1, 2, 3], "vision_avg": {"min": low, "max": high}}
     entries = [entry(0.0, 10.0, 14.0), entry(0.4, 13.0, 18.0), entry(0.8, 15.0, 20.0)]
     assert sweep.beyond_spread(entries, "vision_avg") == [(0.8, 0.0)]  # 0.4 overlaps both
     one_seed = [dict(entry(0.0, 1.0, 1.0), seeds=[1]), dict(entry(0.8, 9.0, 9.0), seeds=[1])]
@@ -277,6 +350,10 @@ def test_slurm_dry_run_prints_every_job_and_submits_nothing(data_dir, slurm_dir,
     assert "job #4: seed 1337 frac 0.00 ratio 0.20 image phase, part 1 of 1, after #1" in output
     assert "job #10: seed 1337 frac 0.50 ratio 0.20 image phase, part 1 of 1, after #2" in output
     assert "job #15: seed 1337 frac 0.50 ratio 0.50 evaluation, part 1 of 1, after #14" in output
+    # the arguments in the order they always had, so that earlier sweeps' DONE records still match
+    image_command = lines[lines.index(next(line for line in lines if "job #4:" in line)) + 1]
+    assert image_command.endswith(f"--init_from={slurm_dir}/seed1337/text/ckpt_frac0.00.pt --vision_start_frac=0.0 "
+                                  "--image_ratio=0.2 '--save_fracs=(0.0,)'")
     command = lines[lines.index(next(line for line in lines if "job #1:" in line)) + 1]
     assert command.strip().startswith("srun ") and "pretrain.py" in command and "--stop_at_iter=4" in command
     # the estimate is computed: 10 text steps of 256 tokens at 20 tokens/s = 0.036 GPU-hours
@@ -290,16 +367,21 @@ def test_slurm_dry_run_prints_every_job_and_submits_nothing(data_dir, slurm_dir,
     training = float(total[1]) - 4 * 1.0
     assert float(slower_total[1]) == pytest.approx(2 * training + 4 * 0.5, abs=0.15)
     assert slower_total[2] == total[2]  # the same checkpoints
-    # several nodes: torchrun on each, meeting at the first; evaluation stays one process
+    # several nodes: torchrun on each, meeting at the first; evaluation stays one process. And a
+    # fine-tuning axis: one image phase, which both fine-tunings wait for.
     code, output = sweep(data_dir, slurm_dir, (0.0,), (0.2,), *SLURM_ARGS, "--dry_run=True", "--nodes=2",
-                         "--nproc=4", env=slurm)
+                         "--nproc=4", epochs=(1, 2), env=slurm)
     assert code == 0, output
     lines = output.splitlines()
     text_command, eval_command = (lines[i + 1] for i, line in enumerate(lines) if "part 1 of" in line
-                                  and ("text run" in line or "evaluation" in line))
+                                  and ("text run" in line or "epochs 1 evaluation" in line))
     for word in ("-m torch.distributed.run", "--nnodes=$SLURM_NNODES", "--rdzv_backend=c10d", "--nproc_per_node=4"):
         assert word in text_command
     assert "torch.distributed.run" not in eval_command and "evaluate.py" in eval_command
+    assert output.count("image phase, part 1 of 1") == 1
+    assert "job #2: seed 1337 frac 0.00 ratio 0.20 image phase, part 1 of 1, after #1" in output
+    assert "job #3: seed 1337 frac 0.00 ratio 0.20 epochs 1 fine-tuning, part 1 of 1, after #2" in output
+    assert "job #5: seed 1337 frac 0.00 ratio 0.20 epochs 2 fine-tuning, part 1 of 1, after #2" in output
     code, output = sweep(data_dir, slurm_dir, (0.0,), (0.2,), *SLURM_ARGS, "--dry_run=True", "--time_limit=soon",
                          env=slurm)
     assert code != 0 and "time_limit 'soon' is not a SLURM time" in output
@@ -387,7 +469,7 @@ def test_a_failed_slurm_job_fails_only_its_cell(slurm_run, data_dir, slurm_dir, 
     assert code == 0, output
     assert "6 job(s) submitted" in output
     with open(os.path.join(slurm_dir, "results.json")) as f:
-        status = {(r["fraction"], r["ratio"]): r["status"] for r in json.load(f)["runs"]}
+        status = {(r["vision_start_frac"], r["image_ratio"]): r["status"] for r in json.load(f)["runs"]}
     assert status[(0.5, 0.2)] == status[(0.75, 0.2)] == "ok"
     for frac in (0.5, 0.75):
         assert status[(frac, 1.5)].startswith("queued as job") and "failed before: exit code 1" in status[(frac, 1.5)]
@@ -412,7 +494,7 @@ def test_a_new_grid_reuses_what_matches_and_a_failed_cell_fails_alone(first_run,
         assert f"see {log}" in output
         assert "image_ratio must lie in [0, 1]" in open(log).read()
     with open(os.path.join(sweep_dir, "results.json")) as f:
-        status = {(r["fraction"], r["ratio"]): r["status"] for r in json.load(f)["runs"]}
+        status = {(r["vision_start_frac"], r["image_ratio"]): r["status"] for r in json.load(f)["runs"]}
     assert status[(0.5, 0.2)] == status[(0.75, 0.2)] == "ok"
     assert status[(0.5, 1.5)].startswith("failed") and status[(0.75, 1.5)].startswith("failed")
     # the continued text run is the prefix of the new branch

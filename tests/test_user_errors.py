@@ -101,6 +101,9 @@ def cases(w):
     def sweep(*args):
         return "sweep.py", [f"--sweep_dir={root}/sweep", "--dry_run=True", *args]
 
+    def axes(entries):
+        return f"--axes={{{entries}}}"
+
     def prepare(source, *args):
         return f"data/{source}/prepare.py", [f"--out_dir={root}/prepared{next(fresh)}", "--num_proc=2", *args]
 
@@ -135,16 +138,36 @@ def cases(w):
         ("export_hf.py", [f"--ckpt={root}/qk_norm.pt", f"--out_dir={root}/hf"], "this model uses qk_norm"),
         ("export_hf.py", [f"--ckpt={ckpt}", f"--out_dir={root}/a_file/hf"], f"cannot create out_dir {root}/a_file/hf"),
         (*sweep("--fracz=(0.5,)"), "unknown setting 'fracz'"),
-        (*sweep("--fracs=0.5"), "fracs must be of type tuple"),
+        (*sweep("--axes=0.5"), "axes must be of type dict"),
         (*sweep("--nproc=0"), "nproc must be at least 1"),
-        (*sweep("--parallel=0"), "parallel must be at least 1"),
+        (*sweep("--cells_at_once=0"), "cells_at_once must be at least 1"),
         (*sweep("--seeds=(1337, 1337)"), "seeds must be a non-empty tuple of distinct integers"),
-        (*sweep("--fracs=(0.2, 0.2)"), "would share a folder (0.20)"),
-        (*sweep("--fracs=(0.501, 0.504)"), "would share a folder (0.50)"),
-        (*sweep("--ratios=(0.1, 0.1)"), "ratios (0.1, 0.1): values that round to the same two decimals"),
-        (*sweep("--ratios=()"), "ratios must be a non-empty tuple of numbers"),
-        (*sweep("--fracs=(-0.2, 0.5)"), "fracs must lie in [0, 1]"),
-        (*sweep("--fracs=(0.5, 1.01)"), "fracs must lie in [0, 1]"),
+        (*sweep(axes("'vision_start_frac': (0.2, 0.2)")), "would share a folder (0.20)"),
+        (*sweep(axes("'vision_start_frac': (0.501, 0.504)")), "would share a folder (0.50)"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'image_ratio': (0.1, 0.1)")),
+         "axes: image_ratio (0.1, 0.1): values that read alike would share a folder (0.10)"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'image_ratio': ()")),
+         "axes: image_ratio must have a non-empty tuple of values"),
+        (*sweep(axes("'vision_start_frac': (-0.2, 0.5)")), "axes: vision_start_frac must lie in [0, 1]"),
+        (*sweep(axes("'vision_start_frac': (0.5, 1.01)")), "axes: vision_start_frac must lie in [0, 1]"),
+        (*sweep(axes("'image_ratio': (0.5,)")), "axes must include vision_start_frac"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'learning_rate': (0.1,)")),
+         "pretrain.py and finetune.py both have 'learning_rate': write 'pretrain.learning_rate' or "
+         "'finetune.learning_rate'"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'epoch': (1,)")), "axes: unknown setting 'epoch'"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'finetune.epoch': (1,)")),
+         "axes: finetune.py has no setting 'epoch'"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'evaluate.max_items': (8,)")),
+         "'evaluate.max_items' must be a setting, or 'pretrain.' or 'finetune.' and a setting"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'pretrain.learning_rate': (0.1,)")),
+         "pretrain.learning_rate cannot be an axis: every cell branches from the same text run"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'finetune.seed': (1,)")), "finetune.seed cannot be an axis"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'epochs': (2,), 'finetune.epochs': (4,)")),
+         "axes: epochs is given twice"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'epochs': (1.5,)")),
+         "axes: --epochs=1.5: epochs must be of type int"),
+        (*sweep(axes("'vision_start_frac': (0.5,), 'image_ratio_ramp': ('a b',)")),
+         "axes: image_ratio_ramp ('a b',): every value must write as a folder name"),
         (*sweep("--launcher=pbs"), "launcher must be 'local' or 'slurm'"),
         (*sweep("--time_limit=soon"), "time_limit 'soon' is not a SLURM time"),
     ] + [
