@@ -41,6 +41,10 @@ COMMANDS = {
     "python pretrain.py config/toy.py --image_ratio_ramp=cosine --image_ratio_ramp_iters=300 --out_dir=out/toy_cosine":
         f"python pretrain.py config/toy.py --image_ratio_ramp=cosine --image_ratio_ramp_iters=3 "
         f"--out_dir=out/toy_cosine {SMALL_PRETRAIN}",
+    "python sweep.py config/toy_sweep.py --axes=\"{'vision_start_frac': (0.4, 0.8), 'image_ratio': (0.5,), "
+    "'finetune.epochs': (2, 6)}\" --sweep_dir=out/toy_epochs":
+        "python sweep.py config/toy_sweep.py --axes=\"{'vision_start_frac': (0.4, 0.8), 'image_ratio': (0.5,), "
+        "'finetune.epochs': (2, 6)}\" --sweep_dir=out/toy_epochs --dry_run=True",
     "python pretrain.py config/toy.py --vision_encoder=conv --out_dir=out/toy_conv":
         ("not run", "needs the README's diff to model.py: tests/test_fork.py applies it and runs this at toy size"),
     # docs/stages.md, then docs/ask.md: sample.py in a terminal
