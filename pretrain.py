@@ -201,24 +201,26 @@ model_config = model_config_from_settings(config, tokenizer.vocab_size, tokenize
                                           use_kernels=use_kernels and device_type == "cuda")
 
 
-def make_loader(text_pattern, caption_pattern, chat_pattern, loader_rank, loader_world):
-    """chat_pattern: None for no conversation rows."""
+def make_loader(text_pattern, caption_pattern, chat_files, loader_rank, loader_world):
     loader = TextCaptionLoader(
         text_files=find_shards(data_dir, text_pattern), caption_files=find_shards(data_dir, caption_pattern),
-        chat_files=find_shards(data_dir, chat_pattern) if chat_pattern else (), seed=seed,
-        tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len, tokens_per_image=model_config.tokens_per_image,
-        caption_len=caption_len, rank=loader_rank, world_size=loader_world, device=device)
+        chat_files=chat_files, seed=seed, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+        tokens_per_image=model_config.tokens_per_image, caption_len=caption_len, rank=loader_rank,
+        world_size=loader_world, device=device)
     if loader.image_size != (image_size, image_size):
         raise UserError(f"{caption_pattern}: images are {loader.image_size}, the model expects {image_size}x{image_size}")
     return loader
 
 
 # Training data: every rank walks the same slots; see data/loader.py.
-train_chat_pattern = train_chat if instruct_ratio > 0 else None
-train_loader = make_loader(train_text, train_captions, train_chat_pattern, rank, world_size)
+# Conversation rows are for training only: validation scores text and captions, as without them.
+train_chat_files = [] if instruct_ratio == 0 else find_shards(
+    data_dir, train_chat, hint=f"instruct_ratio={instruct_ratio} mixes conversation rows into the image phase; "
+    "without conversations, set --instruct_ratio=0")
+train_loader = make_loader(train_text, train_captions, train_chat_files, rank, world_size)
 train_data = {name: fingerprint(find_shards(data_dir, config[name]))
-              for name in ("train_text", "train_captions", "train_chat") if name != "train_chat" or train_chat_pattern}
-val_loader = make_loader(val_text, val_captions, None, rank, world_size)
+              for name in ("train_text", "train_captions", "train_chat") if name != "train_chat" or train_chat_files}
+val_loader = make_loader(val_text, val_captions, [], rank, world_size)
 
 raw_model = VLM(model_config).to(device)
 if init_from == "scratch":

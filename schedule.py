@@ -1,7 +1,7 @@
 """
 The training schedules, as functions of a script's settings: the one place that says when
-images start, what the learning rate and the image and conversation ratios are at each step, which batch
-layouts the compiler will meet, and how many steps fine-tuning takes. pretrain.py,
+images start, what the learning rate and the image and conversation ratios are at each step,
+which batch layouts the compiler will meet, and how many steps fine-tuning takes. pretrain.py,
 finetune.py, chat.py and sweep.py all ask here, so a new schedule is written once.
 
 The pretraining protocol (the study's): the text run is max_iters steps of warmup + cosine

@@ -20,7 +20,7 @@ slot s = (step * micro-batches per rank + micro_step) * world_size + rank. Every
 whole state is a few numbers that are identical on every rank: resuming restores them and the
 data continues exactly. A credit counter (Bresenham's line algorithm) per kind turns the image
 and conversation ratios into whole rows per slot, so over any window each kind's share of rows
-stays within about a row of its ratio (rows_for_slot).
+stays within one row of its ratio (rows_for_slot says when conversations may stray further).
 """
 
 import math
@@ -49,9 +49,11 @@ def layout_sample(tokens, train_mask, tokens_per_image, image_id, length, pad_id
 def rows_for_slot(credits, ratios, batch_size):
     """The credit counters, one per kind of row (image-caption, conversation): the rows of each
     kind in the next slot, and the credits left over. Each slot earns ratio * batch_size rows of
-    credit per kind and spends what it rounds to. The kinds are served in order and never take
-    more than batch_size rows together; a kind cut short (only when the ratios add up to about
-    1) keeps its credit for the next slot, so its share over a run still comes out right."""
+    credit per kind and spends what it rounds to, so each kind's rows so far stay within half a
+    row of the credit its ratios earned (one row over any window). The kinds are served in order and
+    never take more than batch_size rows together: a kind cut short (only when the ratios leave
+    less than one text row a slot) keeps its credit for the next slot, and then strays up to a
+    row and a half."""
     counts, left, room = [], [], batch_size
     for credit, ratio in zip(credits, ratios):
         credit += ratio * batch_size
