@@ -343,13 +343,13 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     ratio, chat_ratio = image_ratio_at(config, iter_num), instruct_ratio_at(config, iter_num)
-    image_rows_before, chat_rows_before = train_loader.state["image_rows"], train_loader.state["chat_rows"]
+    image_rows_before, chat_rows_before = train_loader.state["image_rows"], train_loader.state["chat_sample"]
     micro_batches, micro_layouts = [], []
     for _ in range(accum_per_rank):
         micro_batches.append(train_loader.next_batch(ratio, chat_ratio))
         micro_layouts.append(train_loader.layout)  # (image-caption rows, conversation rows), the first rows
     step_image_rows = train_loader.state["image_rows"] - image_rows_before  # over all ranks
-    step_chat_rows = train_loader.state["chat_rows"] - chat_rows_before
+    step_chat_rows = train_loader.state["chat_sample"] - chat_rows_before  # one conversation a row
     token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params,
                                          step_image_rows + step_chat_rows > 0, grad_clip)
     stop_if_not_finite(grad_norm, iter_num, os.path.join(out_dir, "ckpt.pt"))

@@ -49,11 +49,11 @@ def layout_sample(tokens, train_mask, tokens_per_image, image_id, length, pad_id
 def rows_for_slot(credits, ratios, batch_size):
     """The credit counters, one per kind of row (image-caption, conversation): the rows of each
     kind in the next slot, and the credits left over. Each slot earns ratio * batch_size rows of
-    credit per kind and spends what it rounds to, so each kind's rows so far stay within half a
-    row of the credit its ratios earned (one row over any window). The kinds are served in order and
-    never take more than batch_size rows together: a kind cut short (only when the ratios leave
-    less than one text row a slot) keeps its credit for the next slot, and then strays up to a
-    row and a half."""
+    credit per kind and spends what it rounds to, so each kind's rows so far stay within half
+    a row of the credit its ratios earned (one row over any window). The kinds are served in
+    order and never take more than batch_size rows together: a kind cut short (only when the
+    ratios leave less than one text row a slot) keeps its credit for the next slot, and then
+    strays up to a row and a half."""
     counts, left, room = [], [], batch_size
     for credit, ratio in zip(credits, ratios):
         credit += ratio * batch_size
@@ -128,9 +128,10 @@ class TextCaptionLoader:
         self.reset()
 
     def reset(self):
-        # image_rows and chat_rows count the rows of each kind handed out over all ranks (for logging).
+        # image_rows counts image-caption rows handed out over all ranks (for logging); chat_sample,
+        # the conversations handed out, counts conversation rows too (one a row).
         self.state = {"slot": 0, "text_row": 0, "caption_sample": 0, "image_credit": 0.0, "image_rows": 0,
-                      "chat_sample": 0, "chat_credit": 0.0, "chat_rows": 0}
+                      "chat_sample": 0, "chat_credit": 0.0}
 
     def state_dict(self):
         return dict(self.state)
@@ -158,7 +159,6 @@ class TextCaptionLoader:
             self.state["caption_sample"] += n_image * self.samples_per_row
             self.state["chat_sample"] += n_chat
             self.state["image_rows"] += n_image
-            self.state["chat_rows"] += n_chat
             self.state["slot"] += 1
         return to_device(batch, self.device)
 

@@ -44,7 +44,7 @@ def test_conversation_share_follows_instruct_ratio(continuous_run):
             rows[key] += r[key] * ROWS_PER_STEP * (r["iter"] - previous)
             assert abs(rows[key] - ratio * ROWS_PER_STEP * image_steps) <= 0.5 + 1e-9, (key, r["iter"], rows)
     loader = torch.load(continuous_run / "ckpt.pt", weights_only=False)["loader"]
-    assert loader["chat_rows"] == loader["chat_sample"] == round(0.3 * ROWS_PER_STEP * 6)
+    assert loader["chat_sample"] == round(0.3 * ROWS_PER_STEP * 6)  # conversations handed out
 
 
 def test_credit_counters_never_overfill_a_micro_batch():
@@ -99,7 +99,7 @@ def test_conversation_rows_are_finetunings_rows_with_answer_only_targets(data_di
             chat_rows += 1
         # the rest are text rows: no image placeholders, every position trained
         assert not (x[n_image + n_chat:] == tokenizer.image_id).any() and (y[n_image + n_chat:] != -1).all()
-    assert chat_rows == 60 and mixed.state["chat_rows"] == 60
+    assert chat_rows == 60 and mixed.state["chat_sample"] == 60
 
 
 def test_ranks_split_the_single_process_stream_and_resume_it(data_dir):
@@ -110,7 +110,7 @@ def test_ranks_split_the_single_process_stream_and_resume_it(data_dir):
             for a, b in zip(loader.next_batch(0.3, 0.4), single.next_batch(0.3, 0.4)):
                 assert torch.equal(a, b)
     assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
-    assert single.state["chat_rows"] > 0
+    assert single.state["chat_sample"] > 0
     resumed = mixed_loader(data_dir)
     resumed.load_state_dict(single.state_dict())
     for _ in range(12):
@@ -136,7 +136,7 @@ def test_resume_and_branch_with_conversations_equal_uninterrupted(data_dir, cont
 
     # a text checkpoint written before conversation rows existed branches the same way
     old = load_checkpoint(text_run / "ckpt_frac0.50.pt")
-    for key in ("chat_sample", "chat_credit", "chat_rows"):
+    for key in ("chat_sample", "chat_credit"):
         del old["loader"][key]
     del old["log_window"]["chat_rows"]
     old["log_window"]["stats"] = old["log_window"]["stats"][:4]
