@@ -1,9 +1,10 @@
 """
 Pretraining: text only at first, then text mixed with image-caption rows from
-vision_start_frac on. One process:
+vision_start_frac on (and, with instruct_ratio > 0, instruction-tuning conversations). One process:
 
     python pretrain.py config/toy.py
     python pretrain.py config/toy.py --vision_start_frac=0.4 --image_ratio=0.2
+    python pretrain.py config/toy.py --instruct_ratio=0.1
 
 Many GPUs (DDP):
 
@@ -35,7 +36,7 @@ from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
 from model import VISION_ENCODERS, VLM, configure_optimizer, model_config_from_settings
 from vision_weights import load_pretrained, weights_folder
-from schedule import (IMAGE_RATIO_RAMPS, image_rows_per_micro_batch, image_ratio_at, image_start_step,
+from schedule import (IMAGE_RATIO_RAMPS, batch_layouts, image_ratio_at, image_start_step, instruct_ratio_at,
                       learning_rate_at, text_checkpoint_name, total_steps)
 
 # -----------------------------------------------------------------------------
@@ -46,6 +47,7 @@ out_dir = "out/pretrain"
 data_dir = "data/toyworld"
 train_text = "train_text*.bin"  # shard file patterns inside data_dir
 train_captions = "train_caption*.bin"
+train_chat = "train_chat*.bin"  # conversations, read only when instruct_ratio > 0
 val_text = "val_text*.bin"
 val_captions = "val_caption*.bin"
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path to branch from
@@ -104,6 +106,10 @@ image_iters = 600  # length of the image phase
 image_ratio = 0.5  # share of image-caption rows (= positions) in the image phase
 image_ratio_ramp_iters = 0  # > 0: ramp the ratio up from 0 over this many image-phase steps
 image_ratio_ramp = "linear"  # the ramp's shape: "linear" or "cosine" (slow, fast, slow); see schedule.py
+# The study's third question: instruction-tuning conversations inside the image phase (it found
+# they hurt the vision-language tasks but can help the text tasks). A conversation row is built
+# as fine-tuning builds it (loss on the answers only); it starts and ramps with the image ratio.
+instruct_ratio = 0.0  # share of conversation rows in the image phase, beside image_ratio's
 rewarm_lr = 1e-3  # the image phase's peak when vision_start_frac = 1.0
 rewarm_iters = 20
 # system
@@ -124,7 +130,8 @@ RUN_ONLY_SETTINGS = ["out_dir", "data_dir", "init_from", "overwrite", "save_frac
                      "compile", "use_kernels", "parallel"]
 # A branch (init_from=PATH, a text-only checkpoint) may also choose its own image phase.
 IMAGE_PHASE_SETTINGS = ["train_captions", "caption_len", "vision_start_frac", "image_iters", "image_ratio",
-                        "image_ratio_ramp_iters", "image_ratio_ramp", "rewarm_lr", "rewarm_iters"]
+                        "image_ratio_ramp_iters", "image_ratio_ramp", "rewarm_lr", "rewarm_iters", "instruct_ratio",
+                        "train_chat"]
 
 
 def check_settings():
@@ -155,6 +162,10 @@ def check_settings():
         raise UserError(f"vision_start_frac must lie in [0, 1], got {vision_start_frac}")
     if not 0.0 <= image_ratio <= 1.0:
         raise UserError(f"image_ratio must lie in [0, 1], got {image_ratio}")
+    if instruct_ratio < 0 or image_ratio + instruct_ratio > 1:
+        raise UserError(f"instruct_ratio must not be negative and image_ratio + instruct_ratio must not exceed 1 "
+                        f"(they are shares of the same rows), got image_ratio {image_ratio} and instruct_ratio "
+                        f"{instruct_ratio}")
     if any(not 0.0 <= f <= 1.0 for f in save_fracs):
         raise UserError(f"save_fracs must lie in [0, 1], got {save_fracs}")
     names = [text_checkpoint_name(f) for f in save_fracs]  # two fractions alike to 2 decimals would share one
@@ -190,20 +201,26 @@ model_config = model_config_from_settings(config, tokenizer.vocab_size, tokenize
                                           use_kernels=use_kernels and device_type == "cuda")
 
 
-def make_loader(text_pattern, caption_pattern, loader_rank, loader_world):
+def make_loader(text_pattern, caption_pattern, chat_files, loader_rank, loader_world):
     loader = TextCaptionLoader(
         text_files=find_shards(data_dir, text_pattern), caption_files=find_shards(data_dir, caption_pattern),
-        tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len, tokens_per_image=model_config.tokens_per_image,
-        caption_len=caption_len, rank=loader_rank, world_size=loader_world, device=device)
+        chat_files=chat_files, seed=seed, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+        tokens_per_image=model_config.tokens_per_image, caption_len=caption_len, rank=loader_rank,
+        world_size=loader_world, device=device)
     if loader.image_size != (image_size, image_size):
         raise UserError(f"{caption_pattern}: images are {loader.image_size}, the model expects {image_size}x{image_size}")
     return loader
 
 
 # Training data: every rank walks the same slots; see data/loader.py.
-train_loader = make_loader(train_text, train_captions, rank, world_size)
-train_data = {name: fingerprint(find_shards(data_dir, config[name])) for name in ("train_text", "train_captions")}
-val_loader = make_loader(val_text, val_captions, rank, world_size)
+# Conversation rows are for training only: validation scores text and captions, as without them.
+train_chat_files = [] if instruct_ratio == 0 else find_shards(
+    data_dir, train_chat, hint=f"instruct_ratio={instruct_ratio} mixes conversation rows into the image phase; "
+    "without conversations, set --instruct_ratio=0")
+train_loader = make_loader(train_text, train_captions, train_chat_files, rank, world_size)
+train_data = {name: fingerprint(find_shards(data_dir, config[name]))
+              for name in ("train_text", "train_captions", "train_chat") if name != "train_chat" or train_chat_files}
+val_loader = make_loader(val_text, val_captions, [], rank, world_size)
 
 raw_model = VLM(model_config).to(device)
 if init_from == "scratch":
@@ -226,7 +243,7 @@ if init_from != "scratch":
         check_same_data(checkpoint.get("data"), train_data, ckpt_path)
     else:
         check_same_settings(saved, config, RUN_ONLY_SETTINGS + IMAGE_PHASE_SETTINGS, ckpt_path)
-        check_same_data(checkpoint.get("data"), train_data, ckpt_path, may_differ=["train_captions"])
+        check_same_data(checkpoint.get("data"), train_data, ckpt_path, may_differ=["train_captions", "train_chat"])
         if checkpoint["iter_num"] > checkpoint.get("image_start_step", image_start_step(saved)):
             raise UserError(f"{ckpt_path} is at step {checkpoint['iter_num']}, after its run's image start: "
                             "a branch must start from a text-only checkpoint")
@@ -240,9 +257,9 @@ if init_from != "scratch":
     log_window = checkpoint["log_window"]
     del checkpoint
 
-# Rows never change shape (see data/loader.py), but the number of image rows per micro-batch
-# does, and each count is one compiled graph.
-layouts = image_rows_per_micro_batch(config)
+# Rows never change shape (see data/loader.py), but the number of image-caption and
+# conversation rows per micro-batch does, and each layout is one compiled graph.
+layouts = batch_layouts(config)
 model = compile_and_wrap(raw_model, compile, device, world_size, local_rank, len(layouts), parallel)
 
 if master:
@@ -267,7 +284,7 @@ def save(path):
             "model": model_state, "optimizer": optimizer_state,
             "loader": train_loader.state_dict(), "rng": rng_state(), "iter_num": iter_num,
             "stage": "pretrain", "image_start_step": start_iter,
-            "log_window": {"stats": window, "image_rows": image_rows, "step_rows": step_rows},
+            "log_window": {"stats": window, "image_rows": image_rows, "chat_rows": chat_rows, "step_rows": step_rows},
             "config": config, "model_config": asdict(model_config), "compact_vocab": tokenizer.compact_vocab,
             "data": train_data})
 
@@ -296,14 +313,16 @@ def validation_losses():
 # the training loop
 flops_per_step = raw_model.flops_per_token(seq_len) * grad_accum * batch_size * seq_len
 peak = peak_flops(device)
-# Sums over the steps since the last log record: text loss, text targets, caption loss, caption
-# targets (this rank's), and image-caption rows and all rows (every rank's).
-stats = torch.zeros(4, device=device)
-image_rows = step_rows = 0
+# Sums over the steps since the last log record: the loss and the trained targets of text rows,
+# of image-caption rows and of conversation rows (this rank's), and image-caption rows,
+# conversation rows and all rows (every rank's).
+stats = torch.zeros(6, device=device)
+image_rows = chat_rows = step_rows = 0
 if log_window is not None:
-    if master:
-        stats += torch.tensor(log_window["stats"], device=device)
-    image_rows, step_rows = log_window["image_rows"], log_window["step_rows"]
+    if master:  # a checkpoint from before conversation rows holds the first four sums
+        stats[:len(log_window["stats"])] += torch.tensor(log_window["stats"], device=device)
+    image_rows, chat_rows, step_rows = log_window["image_rows"], log_window.get("chat_rows", 0), log_window["step_rows"]
+row_index = torch.arange(batch_size, device=device).unsqueeze(1)  # a micro-batch's rows, [B, 1]
 stop_requested = False
 while True:
     if iter_num in save_iters and iter_num <= start_iter:
@@ -323,22 +342,27 @@ while True:
     lr = learning_rate_at(config, iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    ratio = image_ratio_at(config, iter_num)
-    rows_before = train_loader.state["image_rows"]
-    micro_batches = [train_loader.next_batch(ratio) for _ in range(accum_per_rank)]
-    step_image_rows = train_loader.state["image_rows"] - rows_before  # over all ranks
+    ratio, chat_ratio = image_ratio_at(config, iter_num), instruct_ratio_at(config, iter_num)
+    image_rows_before, chat_rows_before = train_loader.state["image_rows"], train_loader.state["chat_sample"]
+    micro_batches, micro_layouts = [], []
+    for _ in range(accum_per_rank):
+        micro_batches.append(train_loader.next_batch(ratio, chat_ratio))
+        micro_layouts.append(train_loader.layout)  # (image-caption rows, conversation rows), the first rows
+    step_image_rows = train_loader.state["image_rows"] - image_rows_before  # over all ranks
+    step_chat_rows = train_loader.state["chat_sample"] - chat_rows_before  # one conversation a row
     token_losses, grad_norm = train_step(model, optimizer, micro_batches, autocast, vision_params,
-                                         step_image_rows > 0, grad_clip)
+                                         step_image_rows + step_chat_rows > 0, grad_clip)
     stop_if_not_finite(grad_norm, iter_num, os.path.join(out_dir, "ckpt.pt"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for (x, y, images), losses in zip(micro_batches, token_losses):
-        is_image_row = (x == tokenizer.image_id).any(dim=1, keepdim=True)
+    for (x, y, images), losses, (n_image, n_chat) in zip(micro_batches, token_losses, micro_layouts):
         trained = y != -1
-        for i, rows in enumerate((~is_image_row, is_image_row)):
+        is_image_row, is_chat_row = row_index < n_image, (row_index >= n_image) & (row_index < n_image + n_chat)
+        for i, rows in enumerate((~(is_image_row | is_chat_row), is_image_row, is_chat_row)):
             stats[2 * i] += (losses * rows).sum()
             stats[2 * i + 1] += (trained & rows).sum()
     image_rows += step_image_rows
+    chat_rows += step_chat_rows
     step_rows += grad_accum * batch_size
 
     if iter_num % log_interval == 0 or iter_num == total_iters - 1:
@@ -346,11 +370,13 @@ while True:
         dt = time.time() - t0
         if master:
             record = {
-                "iter": iter_num, "lr": lr, "image_ratio": ratio,
-                "loss": (total[0] + total[2]) / max(total[1] + total[3], 1),
+                "iter": iter_num, "lr": lr, "image_ratio": ratio, "instruct_ratio": chat_ratio,
+                "loss": (total[0] + total[2] + total[4]) / max(total[1] + total[3] + total[5], 1),
                 "text_loss": total[0] / total[1] if total[1] else None,
                 "caption_loss": total[2] / total[3] if total[3] else None,
+                "chat_loss": total[4] / total[5] if total[5] else None,  # the conversations' answers
                 "image_share": image_rows / step_rows,  # image-caption rows = positions, since the last log
+                "instruct_share": chat_rows / step_rows,  # conversation rows, since the last log
                 "grad_norm": grad_norm.item(),
                 "tokens_per_s": grad_accum * batch_size * seq_len / dt,
                 "mfu": flops_per_step / dt / (peak * world_size) if peak else None,
@@ -359,10 +385,12 @@ while True:
             mfu = f", mfu {100 * record['mfu']:.1f}%" if peak else ""
             text = f"text {record['text_loss']:.4f}" if record["text_loss"] is not None else "no text"
             caption = f", caption {record['caption_loss']:.4f}" if record["caption_loss"] is not None else ""
-            print(f"iter {iter_num}: loss {record['loss']:.4f} ({text}{caption}), lr {lr:.2e}, "
-                  f"images {record['image_share']:.3f}, {record['tokens_per_s']:,.0f} tok/s{mfu}")
+            chat = f", chat {record['chat_loss']:.4f}" if record["chat_loss"] is not None else ""
+            chats = f", chats {record['instruct_share']:.3f}" if instruct_ratio > 0 else ""
+            print(f"iter {iter_num}: loss {record['loss']:.4f} ({text}{caption}{chat}), lr {lr:.2e}, "
+                  f"images {record['image_share']:.3f}{chats}, {record['tokens_per_s']:,.0f} tok/s{mfu}")
         stats.zero_()
-        image_rows = step_rows = 0
+        image_rows = chat_rows = step_rows = 0
     # SIGTERM or Ctrl-C: stop after this step. Under DDP the ranks agree at log steps only,
     # beside the log's own all-reduce, so that no step pays for an extra host sync.
     if world_size == 1 or iter_num % log_interval == 0:

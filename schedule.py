@@ -1,7 +1,7 @@
 """
 The training schedules, as functions of a script's settings: the one place that says when
-images start, what the learning rate and the image ratio are at each step, which batch
-layouts the compiler will meet, and how many steps fine-tuning takes. pretrain.py,
+images start, what the learning rate and the image and conversation ratios are at each step,
+which batch layouts the compiler will meet, and how many steps fine-tuning takes. pretrain.py,
 finetune.py, chat.py and sweep.py all ask here, so a new schedule is written once.
 
 The pretraining protocol (the study's): the text run is max_iters steps of warmup + cosine
@@ -13,7 +13,7 @@ finished, so the image phase re-warms to rewarm_lr and decays again.
 
 import math
 
-from data.loader import image_rows_for_slot
+from data.loader import rows_for_slot
 
 IMAGE_RATIO_RAMPS = ("linear", "cosine")  # how image_ratio_at climbs over image_ratio_ramp_iters
 
@@ -58,34 +58,45 @@ def learning_rate_at(s, it):
     return cosine_schedule(k, s["rewarm_iters"], s["image_iters"], s["rewarm_lr"], s["min_lr"])
 
 
-def image_ratio_at(s, it):
-    """The share of image-caption rows in pretraining step `it`: 0 before the image phase, then
-    image_ratio, reached over image_ratio_ramp_iters steps along image_ratio_ramp when that is
-    positive (the study's idea of a dynamic ratio)."""
+def image_phase_progress(s, it):
+    """How far the image phase's mixture has come at pretraining step `it`: 0 before the image
+    phase, then 1, reached over image_ratio_ramp_iters steps along image_ratio_ramp when that
+    is positive (the study's idea of a dynamic ratio)."""
     start = image_start_step(s)
     if it < start:
         return 0.0
     ramp = s["image_ratio_ramp_iters"]
     if ramp <= 0:
-        return s["image_ratio"]
+        return 1.0
     progress = min(1.0, (it - start + 1) / ramp)
     if s["image_ratio_ramp"] == "cosine":  # slow, fast, slow: half a cosine wave from 0 to 1
         progress = 0.5 * (1.0 - math.cos(math.pi * progress))
-    return s["image_ratio"] * progress
+    return progress
 
 
-def image_rows_per_micro_batch(s):
-    """Every count of image-caption rows that a micro-batch can hold over the whole run, in
-    order: each count is a batch layout, and compiled graphs are specialised to their layout
-    (one compile each). Found by walking the loader's own credit counter (data/loader.py)
+def image_ratio_at(s, it):
+    """The share of image-caption rows in pretraining step `it`: image_ratio, from the image start, ramped."""
+    return s["image_ratio"] * image_phase_progress(s, it)
+
+
+def instruct_ratio_at(s, it):
+    """The share of conversation rows in pretraining step `it`: instruct_ratio, on the image ratio's ramp
+    (the conversations bring images too, so they start with them)."""
+    return s["instruct_ratio"] * image_phase_progress(s, it)
+
+
+def batch_layouts(s):
+    """Every (image-caption rows, conversation rows) that a micro-batch can hold over the whole
+    run, in order: each is a batch layout, and compiled graphs are specialised to their layout
+    (one compile each). Found by walking the loader's own credit counters (data/loader.py)
     over every micro-batch slot of the schedule, so any ratio schedule is counted right."""
-    counts, credit = {0}, 0.0
+    layouts, credits = {(0, 0)}, (0.0, 0.0)
     for it in range(image_start_step(s), total_steps(s)):
-        ratio = image_ratio_at(s, it)
+        ratios = (image_ratio_at(s, it), instruct_ratio_at(s, it))
         for _ in range(s["grad_accum"]):  # a step's slots, over all ranks
-            n, credit = image_rows_for_slot(credit, ratio, s["batch_size"])
-            counts.add(n)
-    return sorted(counts)
+            counts, credits = rows_for_slot(credits, ratios, s["batch_size"])
+            layouts.add(tuple(counts))
+    return sorted(layouts)
 
 
 def finetune_steps(s, conversations):

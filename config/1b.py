@@ -33,6 +33,9 @@ min_lr = 3e-4
 vision_start_frac = 0.8
 image_iters = 53_400  # the study's 28B image-phase tokens
 image_ratio = 0.1
+# Instruction data in the image phase (the study's third question): add --instruct_ratio=0.05
+# --train_chat='../cauldron/train_chat*.bin' (python data/cauldron/prepare.py); each such row
+# holds one conversation, padded to seq_len.
 rewarm_lr = 3e-3  # the study re-warms to 3e-3 at vision_start_frac = 1.0
 rewarm_iters = 1000
 log_interval = 10

@@ -5,19 +5,22 @@ Every batch is (x, y, images): x and y are [B, T] int64 token ids and targets, i
 [N, H, W, 3] uint8 holding the images whose <|image|> placeholders appear in x, in order.
 A target of -1 takes no loss (image positions, padding, a user's turn).
 
-Pretraining rows come in two kinds, so shapes never change:
+Pretraining rows come in three kinds, so shapes never change:
   - a text row: T + 1 consecutive tokens of the text stream (x = [:-1], y = [1:]);
   - an image-caption row: `T // S` samples, each S = tokens_per_image + caption_len + 1
-    positions: the image's placeholders, the caption, <|endoftext|>, then padding.
-The caption (and its <|endoftext|>) is the only thing trained on in an image-caption row.
+    positions: the image's placeholders, the caption, <|endoftext|>, then padding;
+  - a conversation row (instruct_ratio > 0): one conversation, built exactly as fine-tuning
+    builds it (Conversations.row): its image's placeholders, the chat turns, padding.
+The caption (and its <|endoftext|>) is the only thing trained on in an image-caption row, the
+assistant's answers the only thing in a conversation row.
 
 Which rows a micro-batch gets is decided by one global sequence of micro-batch "slots":
 slot s = (step * micro-batches per rank + micro_step) * world_size + rank. Every rank walks every slot
 (cheap arithmetic) but reads only its own, so no two ranks read the same sample, and the
 whole state is a few numbers that are identical on every rank: resuming restores them and the
-data continues exactly. A credit counter (Bresenham's line algorithm) turns the image ratio
-into whole rows per slot, so over any window the image-caption share of rows stays within
-one row of the ratio.
+data continues exactly. A credit counter (Bresenham's line algorithm) per kind turns the image
+and conversation ratios into whole rows per slot, so over any window each kind's share of rows
+stays within one row of its ratio (rows_for_slot says when conversations may stray further).
 """
 
 import math
@@ -43,12 +46,22 @@ def layout_sample(tokens, train_mask, tokens_per_image, image_id, length, pad_id
     return seq[:-1], y
 
 
-def image_rows_for_slot(credit, image_ratio, batch_size):
-    """The credit counter: (image-caption rows of the next slot, the credit left over). Each
-    slot earns image_ratio * batch_size rows of credit and spends what it rounds to."""
-    credit += image_ratio * batch_size
-    n = min(batch_size, max(0, math.floor(credit + 0.5)))
-    return n, credit - n
+def rows_for_slot(credits, ratios, batch_size):
+    """The credit counters, one per kind of row (image-caption, conversation): the rows of each
+    kind in the next slot, and the credits left over. Each slot earns ratio * batch_size rows of
+    credit per kind and spends what it rounds to, so each kind's rows so far stay within half
+    a row of the credit its ratios earned (one row over any window). The kinds are served in
+    order and never take more than batch_size rows together: a kind cut short (only when the
+    ratios leave less than one text row a slot) keeps its credit for the next slot, and then
+    strays up to a row and a half."""
+    counts, left, room = [], [], batch_size
+    for credit, ratio in zip(credits, ratios):
+        credit += ratio * batch_size
+        n = min(room, max(0, math.floor(credit + 0.5)))
+        counts.append(n)
+        left.append(credit - n)
+        room -= n
+    return counts, left
 
 
 def to_device(arrays, device):
@@ -66,13 +79,14 @@ def _open_all(files, kind, vocab_size, what):
 
 
 class TextCaptionLoader:
-    """Text rows and image-caption rows, mixed at the ratio the caller asks for each step.
-    Without caption_files it gives text rows only (fine-tuning's text rows, evaluation).
-    The tokenizer supplies the placeholder and end-of-text ids and the vocabulary size the
-    shards are checked against."""
+    """Text rows, image-caption rows and conversation rows, mixed at the ratios the caller asks
+    for each step. Without caption_files it gives text rows only (fine-tuning's text rows,
+    evaluation); conversation rows need chat_files (their order shuffled by `seed`). The
+    tokenizer supplies the placeholder and end-of-text ids and the vocabulary size the shards
+    are checked against."""
 
     def __init__(self, *, text_files, tokenizer, batch_size, seq_len, caption_files=(), tokens_per_image=0,
-                 caption_len=0, rank=0, world_size=1, device="cpu"):
+                 caption_len=0, chat_files=(), seed=0, rank=0, world_size=1, device="cpu"):
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size, self.device = rank, world_size, device
         image_id, eot_id, vocab_size = tokenizer.image_id, tokenizer.eot_id, tokenizer.vocab_size
@@ -100,40 +114,61 @@ class TextCaptionLoader:
                 raise UserError(f"image-caption shards disagree on the image size: {sorted(sizes)}")
             self.image_size = sizes.pop()
             self.caption_starts = np.cumsum([0] + [s.num_samples for s in self.captions])
+
+        self.chats = Conversations(files=chat_files, tokenizer=tokenizer, seq_len=seq_len,
+                                   tokens_per_image=tokens_per_image, seed=seed,
+                                   used_for="pretraining's conversation rows") if chat_files else None
+        if self.chats is not None:
+            if self.captions and self.chats.image_size != self.image_size:
+                raise UserError(f"conversation shards hold {self.chats.image_size} images, the image-caption "
+                                f"shards {self.image_size}: a batch stacks both")
+            self.image_size = self.chats.image_size
+        # this rank's last micro-batch: (image-caption rows, conversation rows), the first rows in that order
+        self.layout = (0, 0)
         self.reset()
 
     def reset(self):
-        # image_rows counts image-caption rows handed out over all ranks (for logging).
-        self.state = {"slot": 0, "text_row": 0, "caption_sample": 0, "image_credit": 0.0, "image_rows": 0}
+        # image_rows counts image-caption rows handed out over all ranks (for logging); chat_sample,
+        # the conversations handed out, counts conversation rows too (one a row).
+        self.state = {"slot": 0, "text_row": 0, "caption_sample": 0, "image_credit": 0.0, "image_rows": 0,
+                      "chat_sample": 0, "chat_credit": 0.0}
 
     def state_dict(self):
         return dict(self.state)
 
     def load_state_dict(self, state):
-        self.state = dict(state)
+        self.reset()
+        self.state.update(state)  # a checkpoint from before conversation rows has no chat_ entries: none yet
 
-    def next_batch(self, image_ratio=0.0):
-        """The next micro-batch of this rank: the first rows image-caption rows, the rest text."""
+    def next_batch(self, image_ratio=0.0, instruct_ratio=0.0):
+        """The next micro-batch of this rank: image-caption rows first, then conversation rows,
+        the rest text (self.layout says how many of each)."""
         if image_ratio > 0 and not self.captions:
             raise UserError("image_ratio > 0 but no image-caption shards were given")
+        if instruct_ratio > 0 and self.chats is None:
+            raise UserError("instruct_ratio > 0 but no conversation shards were given")
         batch = None
         for r in range(self.world_size):
-            n_image, self.state["image_credit"] = image_rows_for_slot(self.state["image_credit"], image_ratio, self.B)
-            n_text = self.B - n_image
+            (n_image, n_chat), (self.state["image_credit"], self.state["chat_credit"]) = rows_for_slot(
+                (self.state["image_credit"], self.state["chat_credit"]), (image_ratio, instruct_ratio), self.B)
+            n_text = self.B - n_image - n_chat
             if r == self.rank:
-                batch = self._read(n_image, n_text)
+                batch = self._read(n_image, n_chat, n_text)
+                self.layout = (n_image, n_chat)
             self.state["text_row"] += n_text
             self.state["caption_sample"] += n_image * self.samples_per_row
+            self.state["chat_sample"] += n_chat
             self.state["image_rows"] += n_image
             self.state["slot"] += 1
         return to_device(batch, self.device)
 
-    def _read(self, n_image, n_text):
+    def _read(self, n_image, n_chat, n_text):
         T, H = self.T, self.samples_per_row
         x = np.full((self.B, T), self.eot_id, dtype=np.int64)
         y = np.full((self.B, T), -1, dtype=np.int64)
-        h, w = self.image_size if self.captions else (0, 0)
-        images = np.empty((n_image * H, h, w, 3), dtype=np.uint8)
+        h, w = self.image_size if self.captions or self.chats is not None else (0, 0)
+        # caption images, then conversation images: the order of their placeholders in the batch
+        images = np.empty((n_image * H + n_chat, h, w, 3), dtype=np.uint8)
         for row in range(n_image):
             for k in range(H):
                 i = row * H + k
@@ -144,10 +179,13 @@ class TextCaptionLoader:
                     caption, np.ones(len(caption), bool), self.tokens_per_image, self.image_id,
                     self.sample_len, self.eot_id)
                 images[i] = shard.images[local]
+        for j in range(n_chat):
+            row = n_image + j
+            x[row], y[row], images[n_image * H + j] = self.chats.row(self.state["chat_sample"] + j)
         for j in range(n_text):
             shard, local = self._text_row_at(self.state["text_row"] + j)
             row = shard.tokens[local * T: local * T + T + 1]
-            x[n_image + j], y[n_image + j] = row[:-1], row[1:]
+            x[n_image + n_chat + j], y[n_image + n_chat + j] = row[:-1], row[1:]
         return x, y, images
 
     def _text_row_at(self, row):
@@ -161,30 +199,30 @@ class TextCaptionLoader:
         return self.captions[s], i - self.caption_starts[s]
 
 
-class ConversationLoader:
-    """Instruction-tuning rows: one conversation each, its image first, loss on the assistant.
-    Each epoch visits every conversation once, in an order shuffled by (seed, epoch)."""
+class Conversations:
+    """Conversation shards read as rows of seq_len positions: one conversation a row, its image's
+    placeholders first, then the chat turns, trained on the assistant's answers only (the shards'
+    loss mask, from Tokenizer.encode_conversation). Fine-tuning's rows and pretraining's
+    conversation rows both come from row(), so the two are built alike. Position p is the p-th
+    conversation of an endless walk: each epoch visits every conversation once, in an order
+    shuffled by (seed, epoch) unless shuffle is False. `used_for` names the training in errors."""
 
-    def __init__(self, *, files, tokenizer, batch_size, seq_len, tokens_per_image, seed=0, shuffle=True, rank=0,
-                 world_size=1, device="cpu"):
-        self.B, self.T = batch_size, seq_len
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, *, files, tokenizer, seq_len, tokens_per_image, seed=0, shuffle=True, used_for="fine-tuning"):
+        self.T = seq_len
         # padding is <|endoftext|>; it is never trained on
         self.tokens_per_image, self.image_id, self.pad_id = tokens_per_image, tokenizer.image_id, tokenizer.eot_id
-        vocab_size = tokenizer.vocab_size
         self.seed, self.shuffle = seed, shuffle
-        self.shards = _open_all(files, CONVERSATION, vocab_size, "conversation")
+        self.shards = _open_all(files, CONVERSATION, tokenizer.vocab_size, "conversation")
         self.starts = np.cumsum([0] + [s.num_samples for s in self.shards])
         self.num_samples = int(self.starts[-1])
         sizes = {s.image_size for s in self.shards}
         if len(sizes) != 1:
             raise UserError(f"conversation shards disagree on the image size: {sorted(sizes)}")
         self.image_size = sizes.pop()
-        self._check_something_is_trained(files)
+        self._check_something_is_trained(files, used_for)
         self._order_epoch, self._order = None, None
-        self.reset()
 
-    def _check_something_is_trained(self, files, samples=256):
+    def _check_something_is_trained(self, files, used_for, samples=256):
         """Refuses, at start-up, conversations that would train on nothing (a loss of 0 and a NaN
         validation loss, silently): seq_len too short for the image tokens or for any answer, or
         shards without a trained token. Looks at the first `samples` conversations only."""
@@ -197,16 +235,7 @@ class ConversationLoader:
         if not any(s.loss_mask[s.offsets[i]:s.offsets[i + 1]][:window].any() for s, i in first):
             raise UserError(f"{files[0]}: none of the first {len(first)} conversations has a trained (assistant) "
                             f"token within seq_len {self.T} after the {self.tokens_per_image} image tokens: "
-                            "fine-tuning would train on nothing")
-
-    def reset(self):
-        self.state = {"slot": 0}
-
-    def state_dict(self):
-        return dict(self.state)
-
-    def load_state_dict(self, state):
-        self.state = dict(state)
+                            f"{used_for} would train on nothing")
 
     def _sample_at(self, position):
         epoch, i = divmod(position, self.num_samples)
@@ -218,6 +247,36 @@ class ConversationLoader:
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.shards[s], i - self.starts[s]
 
+    def row(self, position):
+        """(x, y, image) of the conversation at `position`: x and y of seq_len positions."""
+        shard, i = self._sample_at(position)
+        lo, hi = shard.offsets[i], shard.offsets[i + 1]
+        x, y = layout_sample(shard.tokens[lo:hi], shard.loss_mask[lo:hi], self.tokens_per_image, self.image_id,
+                             self.T, self.pad_id)
+        return x, y, shard.images[i]
+
+
+class ConversationLoader:
+    """Instruction-tuning rows (Conversations): batch_size conversations a micro-batch."""
+
+    def __init__(self, *, files, tokenizer, batch_size, seq_len, tokens_per_image, seed=0, shuffle=True, rank=0,
+                 world_size=1, device="cpu"):
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.conversations = Conversations(files=files, tokenizer=tokenizer, seq_len=seq_len,
+                                           tokens_per_image=tokens_per_image, seed=seed, shuffle=shuffle)
+        self.num_samples, self.image_size = self.conversations.num_samples, self.conversations.image_size
+        self.reset()
+
+    def reset(self):
+        self.state = {"slot": 0}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
     def next_batch(self):
         slot = self.state["slot"] + self.rank
         self.state["slot"] += self.world_size
@@ -225,9 +284,5 @@ class ConversationLoader:
         y = np.empty((self.B, self.T), dtype=np.int64)
         images = np.empty((self.B, *self.image_size, 3), dtype=np.uint8)
         for b in range(self.B):
-            shard, i = self._sample_at(slot * self.B + b)
-            lo, hi = shard.offsets[i], shard.offsets[i + 1]
-            x[b], y[b] = layout_sample(shard.tokens[lo:hi], shard.loss_mask[lo:hi], self.tokens_per_image,
-                                       self.image_id, self.T, self.pad_id)
-            images[b] = shard.images[i]
+            x[b], y[b], images[b] = self.conversations.row(slot * self.B + b)
         return to_device((x, y, images), self.device)

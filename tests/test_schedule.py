@@ -1,5 +1,5 @@
-"""schedule.py: the start step, the learning rate, the image ratio and its ramps, the batch
-layouts (against the loader that makes them), and a toy run of the cosine ramp."""
+"""schedule.py: the start step, the learning rate, the image and conversation ratios and their
+ramps, the batch layouts (against the loader that makes them), and a toy run of the cosine ramp."""
 
 import math
 
@@ -10,9 +10,10 @@ from configurator import script_settings
 from data.loader import TextCaptionLoader
 from data.shards import find_shards
 from data.tokenizer import load_tokenizer
-from schedule import (finetune_steps, image_ratio_at, image_rows_per_micro_batch, image_start_step,
+from schedule import (batch_layouts, finetune_steps, image_ratio_at, image_start_step, instruct_ratio_at,
                       learning_rate_at, total_steps)
 from tests.test_pretrain import data_dir, pretrain, read_log  # noqa: F401 (data_dir: the fixture)
+from tests.tiny_data import write_tiny_chat_shards
 
 
 def settings(*args):
@@ -51,25 +52,40 @@ def test_ratio_ramps_climb_from_zero_to_the_ratio(shape):
     assert ramp[9] == pytest.approx(0.2)  # halfway through the ramp, both shapes are at half the ratio
     if shape == "cosine":  # slower than the line at first: fewer image rows early in the phase
         assert ramp[2] < 0.4 * 3 / 20
+    # conversations start and ramp with the images, at their own ratio
+    with_chats = {**s, "instruct_ratio": 0.1}
+    assert [instruct_ratio_at(with_chats, it) for it in range(40, 90)] == pytest.approx([r / 4 for r in ratios])
+    assert [image_ratio_at(with_chats, it) for it in range(40, 90)] == ratios
 
 
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    return str(write_tiny_chat_shards(tmp_path_factory.mktemp("chat")))
+
+
+@pytest.mark.parametrize("instruct_ratio", ["--instruct_ratio=0.0", "--instruct_ratio=0.2"])
 @pytest.mark.parametrize("ramp", ["--image_ratio_ramp_iters=0", "--image_ratio_ramp_iters=7",
                                   "--image_ratio_ramp=cosine"])
-def test_batch_layouts_are_the_image_row_counts_the_loader_makes(data_dir, ramp):  # noqa: F811
+def test_batch_layouts_are_the_row_counts_the_loader_makes(data_dir, chat_dir, ramp, instruct_ratio):  # noqa: F811
     s = settings("--vision_start_frac=0.5", "--max_iters=8", "--image_iters=12", "--image_ratio=0.3",
-                 "--batch_size=4", "--grad_accum=2", "--image_ratio_ramp_iters=5", ramp, "--seq_len=64",
-                 "--caption_len=20")
+                 "--batch_size=4", "--grad_accum=2", "--image_ratio_ramp_iters=5", ramp, instruct_ratio,
+                 "--seq_len=64", "--caption_len=20")
     tokenizer = load_tokenizer(data_dir)
     loader = TextCaptionLoader(text_files=find_shards(data_dir, "train_text*.bin"),
-                               caption_files=find_shards(data_dir, "train_caption*.bin"), tokenizer=tokenizer,
+                               caption_files=find_shards(data_dir, "train_caption*.bin"),
+                               chat_files=find_shards(chat_dir, "train_chat*.bin"), tokenizer=tokenizer,
                                batch_size=4, seq_len=64, tokens_per_image=16, caption_len=20)
     seen = set()
     for it in range(total_steps(s)):
         for _ in range(s["grad_accum"]):
-            x, _, _ = loader.next_batch(image_ratio_at(s, it))
-            seen.add(int((x == tokenizer.image_id).any(dim=1).sum()))
-    assert image_rows_per_micro_batch(s) == sorted(seen)
-    assert len(seen) >= 2
+            x, _, _ = loader.next_batch(image_ratio_at(s, it), instruct_ratio_at(s, it))
+            # conversation rows hold the chat template's <|assistant|>, captions and text never do
+            is_chat_row = (x == tokenizer.assistant_id).any(dim=1)
+            is_image_row = (x == tokenizer.image_id).any(dim=1) & ~is_chat_row
+            seen.add((int(is_image_row.sum()), int(is_chat_row.sum())))
+    assert batch_layouts(s) == sorted(seen)
+    assert len({n_image for n_image, _ in seen}) >= 2
+    assert len({n_chat for _, n_chat in seen}) >= (2 if s["instruct_ratio"] > 0 else 1)
 
 
 def test_finetune_steps():

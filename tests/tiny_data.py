@@ -33,3 +33,17 @@ def make_tiny_dataset(out_dir, seed=0):
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump({"compact_vocab": vocab, "vocab_size": len(vocab)}, f)
     return out_dir
+
+
+def write_tiny_chat_shards(out_dir, seed=1):
+    """Conversation shards beside make_tiny_dataset's (train_chat.bin, val_chat.bin): a user's
+    four words and the assistant's three about a random 32x32 picture."""
+    tok = Tokenizer(Tokenizer.cl100k_ids_of(WORDS + [" " + w for w in WORDS]))
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 40), ("val", 8)):
+        turns = [tok.encode_conversation([("user", " ".join(rng.choice(WORDS, 4))),
+                                          ("assistant", " ".join(rng.choice(WORDS, 3)))]) for _ in range(n)]
+        shards.write_conversation_shard(os.path.join(out_dir, f"{split}_chat.bin"),
+                                        rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                                        [t for t, _ in turns], [m for _, m in turns], tok.vocab_size)
+    return out_dir
