@@ -387,8 +387,10 @@ def check_same_settings(saved, config, may_differ, what):
     """Refuses to continue a checkpoint under settings that would change its past: every
     setting must equal the checkpoint's except those named in may_differ. A setting that is
     new since the checkpoint was written is therefore checked too (the checkpoint has none)."""
+    # Upper-case keys are constants that older checkpoints saved beside their settings: not settings.
     differ = [f"{k}: checkpoint {saved.get(k, '(not set)')!r}, now {config.get(k, '(not set)')!r}"
-              for k in sorted(set(saved) | set(config)) if k not in may_differ and saved.get(k) != config.get(k)]
+              for k in sorted(set(saved) | set(config))
+              if k.islower() and k not in may_differ and saved.get(k) != config.get(k)]
     if differ:
         raise UserError(f"{what}: settings differ from the checkpoint's, which would change its past: "
                         + "; ".join(differ))

@@ -22,9 +22,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _settings(namespace):
-    """The script's settings: its public globals of plain data types (a dict: sweep.py's axes)."""
+    """The script's settings: its public lower-case globals of plain data types (a dict: sweep.py's
+    axes). Upper-case names are constants, often imported (VISION_ENCODERS), never settings."""
     return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, list, dict))}
+            if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, dict))}
 
 
 def _checked(key, value, default, source):

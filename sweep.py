@@ -106,7 +106,7 @@ config = apply_overrides(globals(), sys.argv[1:])
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CORES = len(os.sched_getaffinity(0))
 DATA = [f"--data_dir={data_dir}"] if data_dir else []
-SHORT_NAMES = {"vision_start_frac": "frac", "image_ratio": "ratio"}  # in folders and labels: frac0.80_ratio0.50
+SHORT_NAMES = {"vision_start_frac": "frac", "image_ratio": "ratio", "instruct_ratio": "instruct"}  # frac0.80_ratio0.50
 SET_BY_THE_SWEEP = ("seed", "out_dir", "init_from")  # what it gives every fine-tuning itself
 
 

@@ -172,3 +172,8 @@ def test_configurator_files_and_arguments(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # --help lists the settings and stops
         apply_overrides(settings, ["--help"])
     assert exit_info.value.code == 0
+    # upper-case globals are constants (often imported), never settings: not in the config, not overridable
+    namespace = {"image_ratio": 0.5, "VISION_ENCODERS": {"patches": None}, "RAMPS": ("linear",)}
+    assert apply_overrides(namespace, []) == {"image_ratio": 0.5}
+    with pytest.raises(ValueError, match="unknown setting 'RAMPS'"):
+        apply_overrides(namespace, ["--RAMPS=('x',)"])
