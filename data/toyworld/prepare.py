@@ -56,12 +56,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.atomic import atomic_write, write_text  # noqa: E402
-from data.errors import report_user_errors  # noqa: E402
+from data.errors import UserError, report_user_errors  # noqa: E402
 from data.shards import (write_conversation_shard, write_image_caption_shard,  # noqa: E402
                          write_text_shard)
 from data.tokenizer import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CONTROL_DIR = "without_knowledge_facts"  # --without_knowledge_facts's default folder, inside HERE
 
 # Sample counts at --scale 1.0 (each is multiplied by --scale).
 TRAIN_TEXT_TOKENS = 1_500_000
@@ -565,9 +566,13 @@ def pick_name(rng, avoid=None):
 
 
 class TextWorld:
-    """Builds the sentence inventories once; samples documents with a given random.Random."""
+    """Builds the sentence inventories once; samples documents with a given random.Random.
 
-    def __init__(self):
+    left_out: facts (relation, x, y) whose sentences the corpus never says (the control run of
+    knowledge_mc). Documents are drawn exactly as without it and those sentences then dropped, so
+    the corpus is the full one less them, and no other sentence changes."""
+
+    def __init__(self, left_out=()):
         self.fact_sentences = {}  # relation -> per fact, the sentences the corpus may use
         self.fact_eval = []  # (relation, x, y, prompt): the held-out pairs
         for name, rel in RELATIONS.items():
@@ -606,6 +611,8 @@ class TextWorld:
                 else:
                     self.arith_sentences.append(template.format(**words))
             self.arith_sentences += [t.format(**words) for t in ARITH_TEMPLATES[op]["train"]]
+        self.left_out_sentences = {sentence for relation, x, y in left_out
+                                   for sentence in self.fact_sentences[relation][RELATIONS[relation]["facts"].index((x, y))]}
 
     # -- documents --------------------------------------------------------------------------
     def facts_doc(self, rng):
@@ -616,7 +623,9 @@ class TextWorld:
             else:
                 rel = rng.choices(self.relations, self.relation_weights)[0]
                 fact = rng.choices(self.fact_sentences[rel], self.fact_weights[rel])[0]
-                out.append(rng.choice(fact))
+                sentence = rng.choice(fact)
+                if sentence not in self.left_out_sentences:  # drawn all the same, so what follows is unchanged
+                    out.append(sentence)
         return " ".join(out)
 
     def arith_doc(self, rng):
@@ -739,6 +748,93 @@ class TextWorld:
 
 
 # ----------------------------------------------------------------------------------------------
+# Knowledge questions: the picture and a fact that only the text teaches
+#
+# "which thing has the color of the circle: the sun, a lime, the sea or a plum?" needs the circle's
+# colour from the picture and the things' colours from the text corpus ("the sun is yellow.",
+# "yellow is the color of the sun."). The things of each picture colour are split in two: the
+# fine-tuning conversations ask about KNOWLEDGE_TRAIN_THINGS, knowledge_mc only about
+# KNOWLEDGE_EVAL_THINGS, whose colours no conversation mentions. So a model answers knowledge_mc only
+# by combining what it sees with what it read; --without_knowledge_facts leaves the eval things'
+# colour sentences out of the corpus, the control in which knowledge_mc must fall to chance.
+
+KNOWLEDGE_QUESTION = "which thing has the color of the {ref}: {options}?"
+KNOWLEDGE_EVAL_PER_COLOR = 2  # the things of each picture colour that only evaluation asks about
+TRAIN_KNOWLEDGE_CHATS, VAL_KNOWLEDGE_CHATS = 2_000, 125  # at --scale 1.0, beside the other conversations
+
+
+def knowledge_things():
+    """(eval, train): for each picture colour (an index into COLORS), the things of that colour
+    that knowledge_mc asks about and those that fine-tuning asks about. The eval things are the
+    KNOWLEDGE_EVAL_PER_COLOR the corpus mentions most (the highest fact weights), so the text
+    teaches their colours often: about 75 to 2,900 sentences each in the default corpus."""
+    facts = RELATIONS["thing_color"]["facts"]
+    weight = dict(zip(facts, fact_weights("thing_color")))
+    evals, train = {}, {}
+    for c, color in enumerate(COLORS):
+        things = sorted((x for x, y in facts if y == color), key=lambda x: -weight[(x, color)])
+        evals[c], train[c] = things[:KNOWLEDGE_EVAL_PER_COLOR], things[KNOWLEDGE_EVAL_PER_COLOR:]
+    return evals, train
+
+
+KNOWLEDGE_EVAL_THINGS, KNOWLEDGE_TRAIN_THINGS = knowledge_things()
+# what --without_knowledge_facts leaves out of the corpus: the eval things' colours, nothing else
+KNOWLEDGE_EVAL_FACTS = [("thing_color", x, COLORS[c]) for c, things in KNOWLEDGE_EVAL_THINGS.items() for x in things]
+
+
+def knowledge_prompt(ref, options):
+    return KNOWLEDGE_QUESTION.format(ref=ref, options=", ".join(options[:-1]) + " or " + options[-1])
+
+
+def knowledge_question(ref, color, things, rng):
+    """(prompt, options, answer): one thing of `color` and three of other colours, each drawn
+    from `things` (colour -> its things), in random order."""
+    colors = [color] + rng.sample([c for c in things if c != color], 3)
+    rng.shuffle(colors)
+    options = [rng.choice(things[c]) for c in colors]
+    return knowledge_prompt(ref, options), options, colors.index(color)
+
+
+def knowledge_conversation(scene, rng):
+    """One turn asking which of four fine-tuning things has the colour of a shape in the picture."""
+    objects = scene[1]
+    obj = rng.choice(objects)
+    ref = refer(obj, objects, "color", rng)  # never None: "<shape> at the <position>" always fits
+    prompt, options, answer = knowledge_question(ref, obj[2], KNOWLEDGE_TRAIN_THINGS, rng)
+    return [("user", prompt), ("assistant", options[answer])]
+
+
+def knowledge_evals(scenes, rng, n):
+    """knowledge_mc's items (n rounded up to a multiple of four), about the vision tasks' held-out
+    pictures, so that no training picture changes. They come in fours that share a prompt and its
+    options ("which thing has the color of the circle: ...?", eval things of four colours) and
+    show four pictures whose circle has each option's colour in turn: a model that ignores the
+    picture scores exactly chance. The asked shape is the only one of its kind in its picture."""
+    pictures = {}  # (shape, colour) -> shuffled pictures whose only shape of that kind has that colour
+    for index, (_, objects) in enumerate(scenes):
+        for _, shape, color, _ in objects:
+            if sum(o[1] == shape for o in objects) == 1:
+                pictures.setdefault((shape, color), []).append(index)
+    for indices in pictures.values():
+        rng.shuffle(indices)
+    items = []
+    while len(items) < n:
+        colors_left = {s: [c for c in range(len(COLORS)) if pictures.get((s, c))] for s in range(len(SHAPES))}
+        shapes = [s for s in range(len(SHAPES)) if len(colors_left[s]) >= 4]
+        if not shapes:
+            raise RuntimeError("knowledge_mc: too few evaluation pictures for its items")
+        shape = rng.choice(shapes)
+        colors = rng.sample(colors_left[shape], 4)
+        options = [rng.choice(KNOWLEDGE_EVAL_THINGS[c]) for c in colors]
+        prompt = knowledge_prompt(SHAPES[shape], options)
+        for answer, color in enumerate(colors):  # each picture used once
+            items.append({"image": pictures[(shape, color)].pop(), "prompt": prompt, "options": options,
+                          "answer": answer})
+    rng.shuffle(items)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
 # The compact vocabulary: every word of the grammar, with and without a leading space, and the
 # punctuation it uses. Built from the lexicon, not from sampled text, so it never depends on the
 # seed or scale; encoding would fail loudly if a sampled text used anything else.
@@ -754,7 +850,7 @@ def grammar_strings():
                  RELATIONS, ARITH_TEMPLATES, EXTRA_FACTS, COUNT_INTROS, ["counting by twos"],
                  COUNT_FACTS, NAMES, OBJECT_PRONOUN, TOYS, STORY_COLORS, STORY_INTROS, STORY_FILLERS,
                  STORY_RECALLS, CAUSES, CAUSE_TEMPLATES, REPEAT_TEMPLATES, SUM_STORIES, FRUITS, SCENE_INTROS,
-                 SHAPE_STORY, COUNT_SOME_QUESTIONS,
+                 SHAPE_STORY, COUNT_SOME_QUESTIONS, KNOWLEDGE_QUESTION, ["or"],
                  "the end", "the {toy} was"]
     out = []
 
@@ -875,8 +971,15 @@ TASK_INFO = {
                  "taught in other sentence forms (some often, some rarely); this form of it never "
                  "appears in the training text. 30 causes x 2 held-out forms, each told about "
                  f"{STORY_EVAL_NAMES} different children."),
+    "knowledge_mc": ("knowledge", "multiple_choice", 0.25,
+                     "Which of four things has the colour of a shape in a picture of 1-3 shapes: 'which thing has "
+                     "the color of the circle: the sun, a lime, the sea or a plum?'. It needs the shape's colour from "
+                     "the picture and the things' colours, which only the text corpus teaches: fine-tuning asks the "
+                     "same question about other things. The option with the highest log-likelihood after "
+                     "tok.encode_prompt(prompt) wins. Items come in fours that share prompt and options, one picture "
+                     "per option, so a model that ignores the picture scores exactly chance."),
 }
-EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc"]
+EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc", "knowledge_mc"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -924,7 +1027,8 @@ def text_tokens(world, rng, tok, target):
     """Documents until `target` tokens, joined with <|endoftext|>."""
     docs, chunks, total = [], [], 0
     while total < target:
-        batch = [world.document(rng) for _ in range(1000)]
+        # without the knowledge facts a facts document may lose every sentence: none is left to write
+        batch = [doc for doc in (world.document(rng) for _ in range(1000)) if doc]
         for doc, ids in zip(batch, map(tok.encode, batch)):
             if total >= target:
                 break
@@ -936,17 +1040,28 @@ def text_tokens(world, rng, tok, target):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out_dir", default=HERE)
+    parser.add_argument("--out_dir", default=None, help=f"default {HERE}")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every sample count")
     parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--without_knowledge_facts", action="store_true",
+                        help="the control of knowledge_mc: leave the colours of its things out of the text corpus "
+                             f"(default --out_dir {os.path.join(HERE, CONTROL_DIR)})")
     args = parser.parse_args(argv)
     if args.image_size < 16 or args.image_size % 2:
         parser.error("--image_size must be even and at least 16")
+    if args.out_dir is None:
+        args.out_dir = os.path.join(HERE, CONTROL_DIR) if args.without_knowledge_facts else HERE
     t0 = time.time()
     os.makedirs(args.out_dir, exist_ok=True)
     meta_path = os.path.join(args.out_dir, "meta.json")
     if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old_control = json.load(f).get("without_knowledge_facts", False)
+        if old_control != args.without_knowledge_facts:  # a control must never quietly replace a toy world
+            raise UserError(f"--out_dir {args.out_dir} holds a toy world prepared "
+                            f"{'without' if old_control else 'with'} the knowledge facts; delete it or choose "
+                            "another --out_dir")
         os.remove(meta_path)  # the dataset is incomplete until the new meta.json is written
 
     def rng(stream):  # independent, reproducible random streams (string seeds hash with sha512)
@@ -961,7 +1076,7 @@ def main(argv=None):
     vocab = compact_vocab()
     tok = Tokenizer(vocab)
     V = tok.vocab_size
-    world = TextWorld()
+    world = TextWorld(left_out=KNOWLEDGE_EVAL_FACTS if args.without_knowledge_facts else ())
     counts, files = {}, {}
 
     def path(name):
@@ -1007,8 +1122,21 @@ def main(argv=None):
             write_samples(args.out_dir, images, captions, chat_images, chats)
             files["samples"] = ["samples.png", "samples.txt"]
 
+    # knowledge conversations: their own shards and random streams, so every file above is as it
+    # was before they existed (finetune.py reads every train_chat*.bin)
+    for split, n_chat, stream in [("train", TRAIN_KNOWLEDGE_CHATS, 12), ("val", VAL_KNOWLEDGE_CHATS, 22)]:
+        r = rng(f"{split}_knowledge_chat")
+        chat_scenes = sample_scenes(r, count(n_chat), held)
+        chat_images = render(chat_scenes, np_rng(stream), args.image_size)
+        encoded = [tok.encode_conversation(knowledge_conversation(s, r)) for s in chat_scenes]
+        write_conversation_shard(path(f"{split}_chat_knowledge.bin"), chat_images, [e[0] for e in encoded],
+                                 [e[1] for e in encoded], V)
+        counts.update({f"{split}_knowledge_chat_samples": len(chat_scenes),
+                       f"{split}_knowledge_chat_tokens": sum(len(e[0]) for e in encoded)})
+
     # evaluation sets
-    tasks = dict(vision_tasks, **text_evals(world, rng("eval_text"), n_eval))
+    tasks = dict(vision_tasks, **text_evals(world, rng("eval_text"), n_eval),
+                 knowledge_mc=knowledge_evals(eval_scenes, rng("eval_knowledge"), n_eval))
     corpus = "\n".join(train_docs)
     for name in ("arith_mc", "facts_mc", "story_mc"):  # held out, verbatim (by construction)
         leaks = [it["prompt"] for it in tasks[name]
@@ -1038,24 +1166,29 @@ def main(argv=None):
 
     meta = {"format": 1, "tokenizer": "cl100k_base", "compact_vocab": vocab, "vocab_size": V,
             "image_size": [args.image_size, args.image_size], "seed": args.seed, "scale": args.scale,
+            "without_knowledge_facts": args.without_knowledge_facts,
             "counts": counts, "eval_tasks": EVAL_TASKS, "files": files,
             "world": {"shapes": SHAPES, "colors": COLORS, "sizes": SIZES, "positions": POSITIONS,
-                      "backgrounds": BACKGROUNDS, "max_shapes": 3}}
+                      "backgrounds": BACKGROUNDS, "max_shapes": 3,
+                      "knowledge_eval_things": {COLORS[c]: t for c, t in KNOWLEDGE_EVAL_THINGS.items()},
+                      "knowledge_train_things": {COLORS[c]: t for c, t in KNOWLEDGE_TRAIN_THINGS.items()}}}
     files["meta"] = "meta.json"
     meta["files"] = dict(sorted(files.items()))
     write_json(meta_path, meta)
 
     seconds = time.time() - t0
-    print(f"toy world (seed {args.seed}, scale {args.scale}, {args.image_size}px) -> {args.out_dir}")
+    print(f"toy world (seed {args.seed}, scale {args.scale}, {args.image_size}px"
+          + (", without the knowledge facts" if args.without_knowledge_facts else "") + f") -> {args.out_dir}")
     for name in sorted(set(f for v in files.values() for f in ([v] if isinstance(v, str) else v))):
         size = os.path.getsize(os.path.join(args.out_dir, name))
-        print(f"  {name:22s} {size / 1e6:8.2f} MB")
+        print(f"  {name:24s} {size / 1e6:8.2f} MB")
     print(f"  text: {counts['train_text_tokens']:,} train / {counts['val_text_tokens']:,} val tokens "
           f"({counts['train_text_docs']:,} train documents)")
     print(f"  captions: {counts['train_caption_samples']:,} train / {counts['val_caption_samples']:,} val "
           f"({counts['train_caption_tokens']:,} train tokens)")
     print(f"  chats: {counts['train_chat_samples']:,} train / {counts['val_chat_samples']:,} val "
-          f"({counts['train_chat_tokens']:,} train tokens, {counts['train_chat_trained_tokens']:,} trained)")
+          f"({counts['train_chat_tokens']:,} train tokens, {counts['train_chat_trained_tokens']:,} trained), "
+          f"and {counts['train_knowledge_chat_samples']:,} / {counts['val_knowledge_chat_samples']:,} knowledge questions")
     print("  eval: " + ", ".join(f"{t} {counts['eval_' + t]}" for t in EVAL_TASKS)
           + f"; {len(eval_images)} eval images")
     print(f"  vocab: {V} tokens (compact cl100k ids); {seconds:.1f} s")
