@@ -333,7 +333,8 @@ def markdown_table(results, summary, bpb):
     for key, label in (("vision_avg", "vision average"), ("text_avg", "text average"),
                        ("knowledge_avg", "knowledge average"), ("vision_knowledge_avg", "vision + knowledge average"),
                        ("overall_avg", "overall (vision + text)")):
-        if summary[key] is not None:
+        # without knowledge tasks the vision + knowledge average is the vision one: said once
+        if summary[key] is not None and not (key == "vision_knowledge_avg" and summary["knowledge_avg"] is None):
             lines.append(f"| **{label}** | | | | | | **{summary[key]:+.1f}** |")
     lines.append("\nMultiple choice: accuracy by log-likelihood (lm-eval's acc), norm = by log-likelihood per "
                  "character of the option (acc_norm). Open answers: VQA soft accuracy (vqa, vqa_evalai) or exact "

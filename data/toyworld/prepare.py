@@ -4,6 +4,7 @@ Generates the "toy world": the embedded default dataset, small enough that the w
 
     python data/toyworld/prepare.py                  # writes into data/toyworld/
     python -m data.toyworld.prepare --out_dir /tmp/tw --scale 0.02 --seed 7
+    python data/toyworld/prepare.py --without_knowledge_facts   # the control, data/toyworld/without_knowledge_facts/
 
 The world: 32x32 RGB pictures of one to three shapes (circle, square, triangle) in six colours
 and two sizes, one shape per cell of a 2x2 grid (so "where is it?" always has one answer: top
@@ -11,13 +12,15 @@ left, top right, bottom left, bottom right), on a black, white or gray backgroun
 has a caption and a short LLaVA-style conversation. Beside them, a text corpus from a grammar
 about the same concepts: facts (colours of things, sides of shapes, colour mixing, what is a
 colour/shape/number/animal, animals' legs and sounds, opposites), counting, small arithmetic and
-short stories.
+short stories. Knowledge questions join the two: "which thing has the color of the circle: the sun,
+a lime, the sea or a plum?" needs the picture and a fact from the text.
 
 What it writes (token ids are *compact* ids: index i means cl100k id meta["compact_vocab"][i]):
     train_text.bin, val_text.bin          text shards, documents ended by <|endoftext|>
     train_caption.bin, val_caption.bin    image-caption shards (caption tokens only)
     train_chat.bin, val_chat.bin          conversation shards (one image each, assistant-only mask)
-    eval_<task>.json, eval_images.npy     six held-out evaluation sets (format below)
+    train_chat_knowledge.bin, val_...     knowledge questions about fine-tuning things, one a conversation
+    eval_<task>.json, eval_images.npy     seven held-out evaluation sets (format below)
     eval_captions.txt                     a caption of each eval picture, one a line (sample.py)
     samples.png, samples.txt              64 pictures and their captions, for a person to look at
     meta.json                             written last, atomically: its presence = complete dataset
@@ -31,12 +34,16 @@ Evaluation sets, each {"name", "modality", "kind", "chance", "description", "ite
     arith_mc   text multi-choice    "three plus four is" -> "seven" (4 options)    chance 1/4
     facts_mc   text multi-choice    "a banana is" -> "yellow" (4 options)          chance 1/4
     story_mc   text multi-choice    "mia was hungry, so she" -> "ate a sandwich"   chance 1/4
+    knowledge_mc knowledge multi-choice "which thing has the color of the circle: the sun, a lime,
+               the sea or a plum?" -> "the sun" (the circle is yellow)            chance 1/4
 Held out: eval pictures are scenes (background + every shape's cell, kind, colour and size) that
 no training picture shows; a text eval item's prompt + delimiter + correct option never occurs
 verbatim in the training text. The facts and sums behind them are taught, in other sentence
 forms: every fact has several templates and each eval item uses a (template, fact) pair the
 corpus leaves out, so the model must have learnt the fact from one wording and the wording from
-other facts.
+other facts. knowledge_mc asks about the vision tasks' pictures, and its things are never named in
+a conversation: their colours are only in the text corpus (--without_knowledge_facts takes them
+out of it: the control run).
 
 Everything is lower case, and every word the grammar can emit is listed below, so the compact
 vocabulary is the same for every --seed and --scale. Same arguments => byte-identical files.
