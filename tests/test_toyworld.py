@@ -210,7 +210,7 @@ EXPECTED_TASKS = {  # name: (modality, kind, chance)
     "color_qa": ("vision", "open", 1 / 6), "count_mc": ("vision", "multiple_choice", 1 / 3),
     "exists_yn": ("vision", "yes_no", 0.5), "arith_mc": ("text", "multiple_choice", 0.25),
     "facts_mc": ("text", "multiple_choice", 0.25), "story_mc": ("text", "multiple_choice", 0.25),
-    "knowledge_mc": ("knowledge", "multiple_choice", 0.25),
+    "knowledge_mc": ("knowledge", "multiple_choice", 1 / 3),
 }
 
 
@@ -239,7 +239,7 @@ def test_eval_sets_are_well_formed(world, meta, tok):
                 assert it["image"] is None
             if kind == "multiple_choice":
                 opts = it["options"]
-                assert len(opts) == (3 if name == "count_mc" else 4) == len(set(opts))
+                assert len(opts) == (3 if name in ("count_mc", "knowledge_mc") else 4) == len(set(opts))
                 assert isinstance(it["answer"], int) and 0 <= it["answer"] < len(opts)
                 assert chance == pytest.approx(1 / len(opts))
                 assert task["delimiter"] == (" " if modality == "text" else "")
@@ -324,12 +324,13 @@ def thing_colors():
 
 
 def knowledge_turns(world, tok, name):
-    """(picture, question, answer) of every knowledge conversation in a shard."""
+    """(picture, thing, answer) of every knowledge conversation in a shard."""
     shard = shards.read_shard(os.path.join(world, name))
     for i in range(shard.num_samples):
         text = tok.decode(shard.sample_tokens(i))
-        (question, answer), = re.findall(r"<\|user\|>(.*?)<\|end\|><\|assistant\|>(.*?)<\|end\|>", text)
-        yield np.asarray(shard.images[i]), question, answer
+        (thing, answer), = re.findall(r"<\|user\|>where is the shape with the color of ([a-z ]+)\?<\|end\|>"
+                                      r"<\|assistant\|>([a-z ]+)<\|end\|>", text)
+        yield np.asarray(shard.images[i]), thing, answer
 
 
 def test_knowledge_things_are_split_between_fine_tuning_and_evaluation():
@@ -348,7 +349,6 @@ def test_no_conversation_names_an_evaluation_thing(world, tok):
     """Fine-tuning never pairs an eval thing with its colour: no conversation names one at all."""
     eval_things = [x for things in prepare.KNOWLEDGE_EVAL_THINGS.values() for x in things]
     named = re.compile(r"\b(?:" + "|".join(eval_things) + r")\b")
-    train_things = {x for things in prepare.KNOWLEDGE_TRAIN_THINGS.values() for x in things}
     checked = 0
     for name in ["train_chat.bin", "val_chat.bin", "train_chat_knowledge.bin", "val_chat_knowledge.bin"]:
         shard = shards.read_shard(os.path.join(world, name))
@@ -356,53 +356,50 @@ def test_no_conversation_names_an_evaluation_thing(world, tok):
             text = tok.decode(shard.sample_tokens(i))
             assert not named.search(text), text
             checked += 1
-    for _, question, answer in knowledge_turns(world, tok, "train_chat_knowledge.bin"):
-        options = re.fullmatch(r"which thing has the color of the [a-z ]+: (.*)\?", question).group(1)
-        assert set(re.split(r", | or ", options)) <= train_things and answer in train_things, question
+    train_things = {x for things in prepare.KNOWLEDGE_TRAIN_THINGS.values() for x in things}
+    assert {thing for _, thing, _ in knowledge_turns(world, tok, "train_chat_knowledge.bin")} <= train_things
     assert checked > 100
 
 
-def test_knowledge_conversations_answer_with_the_thing_of_the_shape_colour(world, tok):
+def test_knowledge_conversations_answer_with_the_place_of_the_thing_colour(world, tok):
     colors = thing_colors()
     answers = []
-    for image, question, answer in knowledge_turns(world, tok, "train_chat_knowledge.bin"):
-        options = re.split(r", | or ", question.split(": ")[1][:-1])
-        assert len(options) == 4 and answer in options, question
-        assert len({colors[o] for o in options}) == 4  # one option of the asked colour
-        drawn = [c for c in prepare.COLORS if any(colour_pixels(image, cell, c) >= 20 for cell in range(4))]
-        assert colors[answer] in drawn, (question, answer, drawn)
-        answers.append(options.index(answer))
-    assert np.ptp(np.bincount(answers, minlength=4)) <= 0.2 * len(answers)  # the answer's place varies
+    for image, thing, answer in knowledge_turns(world, tok, "train_chat_knowledge.bin"):
+        cells = [cell for cell in range(4) if colour_pixels(image, cell, colors[thing]) >= 20]
+        assert cells == [prepare.POSITIONS.index(answer)], (thing, answer, cells)  # the one shape of that colour
+        answers.append(answer)
+    assert len(set(answers)) == 4
 
 
-def test_knowledge_items_come_in_fours_so_that_ignoring_the_picture_scores_chance(world):
+def test_knowledge_items_cannot_be_answered_without_the_thing_colour(world):
     task = load_eval(world, "knowledge_mc")
     images = np.load(os.path.join(world, "eval_images.npy"))
     colors = thing_colors()
     eval_things = {x for things in prepare.KNOWLEDGE_EVAL_THINGS.values() for x in things}
-    groups = {}
     for it in task["items"]:
-        assert it["prompt"] == prepare.knowledge_prompt(re.search(r"color of the (\w+):", it["prompt"]).group(1),
-                                                        it["options"])
-        assert set(it["options"]) <= eval_things and len({colors[o] for o in it["options"]}) == 4
-        answer_color = colors[it["options"][it["answer"]]]
-        assert any(colour_pixels(images[it["image"]], cell, answer_color) >= 20 for cell in range(4)), it
-        groups.setdefault((it["prompt"], tuple(it["options"])), []).append(it["answer"])
-    # the same text shows four pictures, each option right once: a guess from the text alone is
-    # right exactly once in four
-    assert all(sorted(answers) == [0, 1, 2, 3] * (len(answers) // 4) for answers in groups.values())
-    assert len(task["items"]) == 4 * -(-prepare.n_items(SCALE) // 4) and len(groups) >= 5
+        thing = re.fullmatch(r"where is the shape with the color of ([a-z ]+)\?", it["prompt"]).group(1)
+        assert thing in eval_things
+        # the options are the places of three shapes in three colours, one of them the thing's
+        worn = [[c for c in prepare.COLORS if colour_pixels(images[it["image"]], prepare.POSITIONS.index(place), c)
+                 >= 20] for place in it["options"]]
+        assert sorted(map(len, worn)) == [1, 1, 1] and len({w[0] for w in worn}) == 3, it
+        assert worn[it["answer"]] == [colors[thing]], it
+    # each place among the options is the answer equally often
+    assert np.ptp(np.bincount([it["answer"] for it in task["items"]], minlength=3)) <= 1
+    assert len(task["items"]) == prepare.n_items(SCALE)
 
 
-def test_knowledge_items_ask_about_a_shape_that_is_the_only_one_of_its_kind():
+def test_knowledge_items_ask_about_a_colour_that_one_shape_wears():
     import random
     rng = random.Random(0)
     scenes, _ = prepare.vision_evals(rng, 30)
     colors = thing_colors()
     for it in prepare.knowledge_evals(scenes, rng, 40):
-        shape = prepare.SHAPES.index(re.search(r"color of the (\w+):", it["prompt"]).group(1))
-        asked = [o for o in scenes[it["image"]][1] if o[1] == shape]
-        assert len(asked) == 1 and prepare.COLORS[asked[0][2]] == colors[it["options"][it["answer"]]]
+        thing = it["prompt"][len("where is the shape with the color of "):-1]
+        objects = scenes[it["image"]][1]
+        assert [prepare.POSITIONS[o[0]] for o in objects] == it["options"]
+        assert [prepare.COLORS[o[2]] for o in objects].count(colors[thing]) == 1
+        assert prepare.COLORS[objects[it["answer"]][2]] == colors[thing]
 
 
 def test_the_default_corpus_teaches_every_evaluation_fact_often():

@@ -12,8 +12,8 @@ left, top right, bottom left, bottom right), on a black, white or gray backgroun
 has a caption and a short LLaVA-style conversation. Beside them, a text corpus from a grammar
 about the same concepts: facts (colours of things, sides of shapes, colour mixing, what is a
 colour/shape/number/animal, animals' legs and sounds, opposites), counting, small arithmetic and
-short stories. Knowledge questions join the two: "which thing has the color of the circle: the sun,
-a lime, the sea or a plum?" needs the picture and a fact from the text.
+short stories. Knowledge questions join the two: "where is the shape with the color of the sun?"
+needs the picture and a fact from the text.
 
 What it writes (token ids are *compact* ids: index i means cl100k id meta["compact_vocab"][i]):
     train_text.bin, val_text.bin          text shards, documents ended by <|endoftext|>
@@ -34,8 +34,8 @@ Evaluation sets, each {"name", "modality", "kind", "chance", "description", "ite
     arith_mc   text multi-choice    "three plus four is" -> "seven" (4 options)    chance 1/4
     facts_mc   text multi-choice    "a banana is" -> "yellow" (4 options)          chance 1/4
     story_mc   text multi-choice    "mia was hungry, so she" -> "ate a sandwich"   chance 1/4
-    knowledge_mc knowledge multi-choice "which thing has the color of the circle: the sun, a lime,
-               the sea or a plum?" -> "the sun" (the circle is yellow)            chance 1/4
+    knowledge_mc knowledge multi-choice "where is the shape with the color of the sun?" -> "top
+               left" among the places of the picture's three shapes           chance 1/3
 Held out: eval pictures are scenes (background + every shape's cell, kind, colour and size) that
 no training picture shows; a text eval item's prompt + delimiter + correct option never occurs
 verbatim in the training text. The facts and sums behind them are taught, in other sentence
@@ -757,15 +757,18 @@ class TextWorld:
 # ----------------------------------------------------------------------------------------------
 # Knowledge questions: the picture and a fact that only the text teaches
 #
-# "which thing has the color of the circle: the sun, a lime, the sea or a plum?" needs the circle's
-# colour from the picture and the things' colours from the text corpus ("the sun is yellow.",
-# "yellow is the color of the sun."). The things of each picture colour are split in two: the
-# fine-tuning conversations ask about KNOWLEDGE_TRAIN_THINGS, knowledge_mc only about
-# KNOWLEDGE_EVAL_THINGS, whose colours no conversation mentions. So a model answers knowledge_mc only
-# by combining what it sees with what it read; --without_knowledge_facts leaves the eval things'
-# colour sentences out of the corpus, the control in which knowledge_mc must fall to chance.
+# "where is the shape with the color of the sun?" needs the colour of the sun from the text corpus
+# ("the sun is yellow.") and the yellow shape's place from the picture. The things of each picture
+# colour are split in two: the fine-tuning conversations ask about KNOWLEDGE_TRAIN_THINGS,
+# knowledge_mc only about KNOWLEDGE_EVAL_THINGS, which no conversation names. So a model answers
+# knowledge_mc only by combining what it sees with what it read; --without_knowledge_facts leaves
+# the eval things' colour sentences out of the corpus, the control in which knowledge_mc must fall
+# to chance. (The question names the thing and the answer is in the picture, because the corpus
+# teaches a thing's colour mostly as "<thing> is <colour>": asked the other way round, "which thing
+# has the color of the circle: ...?", a fine-tuned toy model scored exactly chance, and even as
+# plain text it could not complete "yellow is the color of" with its yellow thing; docs/toy_notes.md.)
 
-KNOWLEDGE_QUESTION = "which thing has the color of the {ref}: {options}?"
+KNOWLEDGE_QUESTION = "where is the shape with the color of {thing}?"
 KNOWLEDGE_EVAL_PER_COLOR = 2  # the things of each picture colour that only evaluation asks about
 TRAIN_KNOWLEDGE_CHATS, VAL_KNOWLEDGE_CHATS = 2_000, 125  # at --scale 1.0, beside the other conversations
 
@@ -789,54 +792,48 @@ KNOWLEDGE_EVAL_THINGS, KNOWLEDGE_TRAIN_THINGS = knowledge_things()
 KNOWLEDGE_EVAL_FACTS = [("thing_color", x, COLORS[c]) for c, things in KNOWLEDGE_EVAL_THINGS.items() for x in things]
 
 
-def knowledge_prompt(ref, options):
-    return KNOWLEDGE_QUESTION.format(ref=ref, options=", ".join(options[:-1]) + " or " + options[-1])
-
-
-def knowledge_question(ref, color, things, rng):
-    """(prompt, options, answer): one thing of `color` and three of other colours, each drawn
-    from `things` (colour -> its things), in random order."""
-    colors = [color] + rng.sample([c for c in things if c != color], 3)
-    rng.shuffle(colors)
-    options = [rng.choice(things[c]) for c in colors]
-    return knowledge_prompt(ref, options), options, colors.index(color)
+def knowledge_scenes(rng, n, exclude):
+    """n training scenes (none in `exclude`) in which some colour is worn by one shape only, so
+    that a knowledge question about it has one answer."""
+    scenes = []
+    while len(scenes) < n:
+        scene = sample_scenes(rng, 1, exclude)[0]
+        colors = [o[2] for o in scene[1]]
+        if any(colors.count(c) == 1 for c in colors):
+            scenes.append(scene)
+    return scenes
 
 
 def knowledge_conversation(scene, rng):
-    """One turn asking which of four fine-tuning things has the colour of a shape in the picture."""
-    objects = scene[1]
-    obj = rng.choice(objects)
-    ref = refer(obj, objects, "color", rng)  # never None: "<shape> at the <position>" always fits
-    prompt, options, answer = knowledge_question(ref, obj[2], KNOWLEDGE_TRAIN_THINGS, rng)
-    return [("user", prompt), ("assistant", options[answer])]
+    """One turn asking where the shape with the colour of a fine-tuning thing is."""
+    colors = [o[2] for o in scene[1]]
+    obj = rng.choice([o for o in scene[1] if colors.count(o[2]) == 1])
+    thing = rng.choice(KNOWLEDGE_TRAIN_THINGS[obj[2]])
+    return [("user", KNOWLEDGE_QUESTION.format(thing=thing)), ("assistant", POSITIONS[obj[0]])]
 
 
 def knowledge_evals(scenes, rng, n):
-    """knowledge_mc's items (n rounded up to a multiple of four), about the vision tasks' held-out
-    pictures, so that no training picture changes. They come in fours that share a prompt and its
-    options ("which thing has the color of the circle: ...?", eval things of four colours) and
-    show four pictures whose circle has each option's colour in turn: a model that ignores the
-    picture scores exactly chance. The asked shape is the only one of its kind in its picture."""
-    pictures = {}  # (shape, colour) -> shuffled pictures whose only shape of that kind has that colour
+    """knowledge_mc's items, about the vision tasks' held-out pictures of three shapes in three
+    colours (so no training picture changes): where is the shape with the colour of an eval
+    thing? The options are the three shapes' places, in reading order; each is the answer
+    equally often, and the thing's colour is drawn from the picture's three, so a model that does
+    not know the thing's colour scores chance, 1/3, whatever it makes of the picture."""
+    by_answer = [[], [], []]  # (picture, asked shape) by the asked shape's place among the options
     for index, (_, objects) in enumerate(scenes):
-        for _, shape, color, _ in objects:
-            if sum(o[1] == shape for o in objects) == 1:
-                pictures.setdefault((shape, color), []).append(index)
-    for indices in pictures.values():
-        rng.shuffle(indices)
+        if len({o[2] for o in objects}) == 3:
+            for k in range(3):
+                by_answer[k].append((index, k))
+    for candidates in by_answer:
+        rng.shuffle(candidates)
+    if min(map(len, by_answer)) * 3 < n:
+        raise RuntimeError("knowledge_mc: too few evaluation pictures of three shapes in three colours")
     items = []
-    while len(items) < n:
-        colors_left = {s: [c for c in range(len(COLORS)) if pictures.get((s, c))] for s in range(len(SHAPES))}
-        shapes = [s for s in range(len(SHAPES)) if len(colors_left[s]) >= 4]
-        if not shapes:
-            raise RuntimeError("knowledge_mc: too few evaluation pictures for its items")
-        shape = rng.choice(shapes)
-        colors = rng.sample(colors_left[shape], 4)
-        options = [rng.choice(KNOWLEDGE_EVAL_THINGS[c]) for c in colors]
-        prompt = knowledge_prompt(SHAPES[shape], options)
-        for answer, color in enumerate(colors):  # each picture used once
-            items.append({"image": pictures[(shape, color)].pop(), "prompt": prompt, "options": options,
-                          "answer": answer})
+    for i in range(n):
+        index, answer = by_answer[i % 3][i // 3]
+        objects = scenes[index][1]
+        thing = rng.choice(KNOWLEDGE_EVAL_THINGS[objects[answer][2]])
+        items.append({"image": index, "prompt": KNOWLEDGE_QUESTION.format(thing=thing),
+                      "options": [POSITIONS[o[0]] for o in objects], "answer": answer})
     rng.shuffle(items)
     return items
 
@@ -857,7 +854,7 @@ def grammar_strings():
                  RELATIONS, ARITH_TEMPLATES, EXTRA_FACTS, COUNT_INTROS, ["counting by twos"],
                  COUNT_FACTS, NAMES, OBJECT_PRONOUN, TOYS, STORY_COLORS, STORY_INTROS, STORY_FILLERS,
                  STORY_RECALLS, CAUSES, CAUSE_TEMPLATES, REPEAT_TEMPLATES, SUM_STORIES, FRUITS, SCENE_INTROS,
-                 SHAPE_STORY, COUNT_SOME_QUESTIONS, KNOWLEDGE_QUESTION, ["or"],
+                 SHAPE_STORY, COUNT_SOME_QUESTIONS, KNOWLEDGE_QUESTION,
                  "the end", "the {toy} was"]
     out = []
 
@@ -978,13 +975,13 @@ TASK_INFO = {
                  "taught in other sentence forms (some often, some rarely); this form of it never "
                  "appears in the training text. 30 causes x 2 held-out forms, each told about "
                  f"{STORY_EVAL_NAMES} different children."),
-    "knowledge_mc": ("knowledge", "multiple_choice", 0.25,
-                     "Which of four things has the colour of a shape in a picture of 1-3 shapes: 'which thing has "
-                     "the color of the circle: the sun, a lime, the sea or a plum?'. It needs the shape's colour from "
-                     "the picture and the things' colours, which only the text corpus teaches: fine-tuning asks the "
-                     "same question about other things. The option with the highest log-likelihood after "
-                     "tok.encode_prompt(prompt) wins. Items come in fours that share prompt and options, one picture "
-                     "per option, so a model that ignores the picture scores exactly chance."),
+    "knowledge_mc": ("knowledge", "multiple_choice", 1 / 3,
+                     "'where is the shape with the color of the sun?' in a picture of three shapes in three "
+                     "colours; the options are the three shapes' places. It needs the thing's colour, which only "
+                     "the text corpus teaches (fine-tuning asks the same question about other things), and the "
+                     "picture. The option with the highest log-likelihood after tok.encode_prompt(prompt) wins. "
+                     "Each place is the answer equally often and the thing's colour is one of the picture's three, "
+                     "so a model that does not know it scores chance, 1/3."),
 }
 EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc", "knowledge_mc"]
 
@@ -1133,7 +1130,7 @@ def main(argv=None):
     # was before they existed (finetune.py reads every train_chat*.bin)
     for split, n_chat, stream in [("train", TRAIN_KNOWLEDGE_CHATS, 12), ("val", VAL_KNOWLEDGE_CHATS, 22)]:
         r = rng(f"{split}_knowledge_chat")
-        chat_scenes = sample_scenes(r, count(n_chat), held)
+        chat_scenes = knowledge_scenes(r, count(n_chat), held)
         chat_images = render(chat_scenes, np_rng(stream), args.image_size)
         encoded = [tok.encode_conversation(knowledge_conversation(s, r)) for s in chat_scenes]
         write_conversation_shard(path(f"{split}_chat_knowledge.bin"), chat_images, [e[0] for e in encoded],
