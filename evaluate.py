@@ -7,10 +7,11 @@ Evaluates a checkpoint on one suite of vision-language and text-only tasks, in o
 A task is a file data_dir/eval_<name>.json (the toy world writes seven; see its prepare.py):
 {"name", "modality": "vision" | "text" | "knowledge", "kind", "chance", "items": [{"image",
 "prompt", "options", "answer"}]}; a knowledge task asks about a picture too, with an answer that
-needs a fact learnt from text ("which thing has the color of the circle: ...?"). A vision or
+needs a fact learnt from text ("where is the shape with the color of the sun?"). A vision or
 knowledge task's "image" is a row of the uint8 [N, H, W, 3] array in data_dir/<its "images"
-field> (default eval_images.npy; data/benchmarks/prepare.py writes one file per benchmark). Three kinds are scored, each the way the harness that publishes it scores
-it (tests compare with lm-eval's and lmms-eval's own code):
+field> (default eval_images.npy; data/benchmarks/prepare.py writes one file per benchmark).
+Three kinds are scored, each the way the harness that publishes it scores it (tests compare
+with lm-eval's and lmms-eval's own code):
   - multiple_choice (lm-eval): "options" without the task's "delimiter" (lm-eval's
     target_delimiter; default " ", or "" after a chat prompt); prompt and delimiter + option
     are encoded together and split as lm-eval does; "acc" picks the highest log-likelihood,

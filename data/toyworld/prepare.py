@@ -618,8 +618,8 @@ class TextWorld:
                 else:
                     self.arith_sentences.append(template.format(**words))
             self.arith_sentences += [t.format(**words) for t in ARITH_TEMPLATES[op]["train"]]
-        self.left_out_sentences = {sentence for relation, x, y in left_out
-                                   for sentence in self.fact_sentences[relation][RELATIONS[relation]["facts"].index((x, y))]}
+        self.left_out_sentences = {sentence for relation, x, y in left_out for sentence in
+                                   self.fact_sentences[relation][RELATIONS[relation]["facts"].index((x, y))]}
 
     # -- documents --------------------------------------------------------------------------
     def facts_doc(self, rng):
@@ -1192,7 +1192,8 @@ def main(argv=None):
           f"({counts['train_caption_tokens']:,} train tokens)")
     print(f"  chats: {counts['train_chat_samples']:,} train / {counts['val_chat_samples']:,} val "
           f"({counts['train_chat_tokens']:,} train tokens, {counts['train_chat_trained_tokens']:,} trained), "
-          f"and {counts['train_knowledge_chat_samples']:,} / {counts['val_knowledge_chat_samples']:,} knowledge questions")
+          f"and {counts['train_knowledge_chat_samples']:,} / {counts['val_knowledge_chat_samples']:,} "
+          "knowledge questions")
     print("  eval: " + ", ".join(f"{t} {counts['eval_' + t]}" for t in EVAL_TASKS)
           + f"; {len(eval_images)} eval images")
     print(f"  vocab: {V} tokens (compact cl100k ids); {seconds:.1f} s")
