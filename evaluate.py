@@ -4,12 +4,14 @@ Evaluates a checkpoint on one suite of vision-language and text-only tasks, in o
     python evaluate.py --ckpt=out/toy_sft/ckpt.pt
     python evaluate.py --ckpt=out/toy_sft/ckpt.pt --tasks=color_qa,arith_mc
 
-A task is a file data_dir/eval_<name>.json (the toy world writes six; see its prepare.py):
-{"name", "modality": "vision" | "text", "kind", "chance", "items": [{"image", "prompt",
-"options", "answer"}]}; a vision task's "image" is a row of the uint8 [N, H, W, 3] array in
-data_dir/<its "images" field> (default eval_images.npy; data/benchmarks/prepare.py writes one
-file per benchmark). Three kinds are scored, each the way the harness that publishes it scores
-it (tests compare with lm-eval's and lmms-eval's own code):
+A task is a file data_dir/eval_<name>.json (the toy world writes seven; see its prepare.py):
+{"name", "modality": "vision" | "text" | "knowledge", "kind", "chance", "items": [{"image",
+"prompt", "options", "answer"}]}; a knowledge task asks about a picture too, with an answer that
+needs a fact learnt from text ("where is the shape with the color of the sun?"). A vision or
+knowledge task's "image" is a row of the uint8 [N, H, W, 3] array in data_dir/<its "images"
+field> (default eval_images.npy; data/benchmarks/prepare.py writes one file per benchmark).
+Three kinds are scored, each the way the harness that publishes it scores it (tests compare
+with lm-eval's and lmms-eval's own code):
   - multiple_choice (lm-eval): "options" without the task's "delimiter" (lm-eval's
     target_delimiter; default " ", or "" after a chat prompt); prompt and delimiter + option
     are encoded together and split as lm-eval does; "acc" picks the highest log-likelihood,
@@ -20,10 +22,12 @@ it (tests compare with lm-eval's and lmms-eval's own code):
     has them;
   - yes_no (POPE): log-likelihood of "yes" against "no"; lmms-eval's accuracy, precision,
     recall, F1 and yes_ratio (the share of "yes" in the ground truth), per item "category" too.
-Vision prompts use the chat template after the image (the model is evaluated after
+Vision and knowledge prompts use the chat template after the image (the model is evaluated after
 instruction tuning, as in the study); text prompts are plain language-model completions.
-Each task's "stable score" is accuracy minus chance, in points; the table ends with the vision,
-text and overall averages of those scores, and the text validation loss in bits per byte.
+Each task's "stable score" is accuracy minus chance, in points; the table ends with averages of
+those scores: over the vision tasks, the text tasks, the knowledge tasks, the vision and knowledge
+tasks together, and "overall" over the vision and text tasks (the knowledge tasks left out, so
+overall means what it meant before they existed), and the text validation loss in bits per byte.
 Beside chance, each task reports its majority-answer baseline (the answer most often right in its
 own items, always given), and items with an "answer_type" get a breakdown by it.
 Results go next to the checkpoint: <ckpt>.eval.json and <ckpt>.eval.md, and every item's
@@ -207,7 +211,7 @@ def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_s
     """Scores one task; returns a dict of its metrics, with every item's prediction and score
     under "predictions"."""
     items = task["items"]
-    vision = task["modality"] == "vision"
+    vision = task["modality"] in PICTURE_MODALITIES
     P = model.config.tokens_per_image
     image_of = (lambda item: item["image"]) if vision else (lambda item: None)
     kind = task["kind"]
@@ -308,11 +312,16 @@ def bits_per_byte(model, tokenizer, files, seq_len, batches, device, autocast, b
 
 
 def summarize(results):
+    """The averages of the stable scores. overall_avg is over the vision and text tasks only, as
+    before knowledge tasks existed, so that it compares with earlier runs; vision_knowledge_avg
+    is over every task that shows a picture."""
     def average(rows):
         return float(np.mean([r["stable"] for r in rows])) if rows else None
     vision = [r for r in results if r["modality"] == "vision"]
     text = [r for r in results if r["modality"] == "text"]
-    return {"vision_avg": average(vision), "text_avg": average(text), "overall_avg": average(results)}
+    knowledge = [r for r in results if r["modality"] == "knowledge"]
+    return {"vision_avg": average(vision), "text_avg": average(text), "knowledge_avg": average(knowledge),
+            "vision_knowledge_avg": average(vision + knowledge), "overall_avg": average(vision + text)}
 
 
 def markdown_table(results, summary, bpb):
@@ -322,8 +331,11 @@ def markdown_table(results, summary, bpb):
         extra = f" (F1 {100 * r['f1']:.1f})" if "f1" in r else (f" (norm {100 * r['acc_norm']:.1f})" if "acc_norm" in r else "")
         lines.append(f"| {r['name']} | {r['modality']} | {r['kind']} | {r['n']} | {100 * r['accuracy']:.1f}{extra} "
                      f"| {100 * r['chance']:.1f} | {r['stable']:+.1f} |")
-    for key, label in (("vision_avg", "vision average"), ("text_avg", "text average"), ("overall_avg", "overall")):
-        if summary[key] is not None:
+    for key, label in (("vision_avg", "vision average"), ("text_avg", "text average"),
+                       ("knowledge_avg", "knowledge average"), ("vision_knowledge_avg", "vision + knowledge average"),
+                       ("overall_avg", "overall (vision + text)")):
+        # without knowledge tasks the vision + knowledge average is the vision one: said once
+        if summary[key] is not None and not (key == "vision_knowledge_avg" and summary["knowledge_avg"] is None):
             lines.append(f"| **{label}** | | | | | | **{summary[key]:+.1f}** |")
     lines.append("\nMultiple choice: accuracy by log-likelihood (lm-eval's acc), norm = by log-likelihood per "
                  "character of the option (acc_norm). Open answers: VQA soft accuracy (vqa, vqa_evalai) or exact "
@@ -357,6 +369,8 @@ def markdown_table(results, summary, bpb):
 
 
 KINDS = ("multiple_choice", "open", "yes_no")
+MODALITIES = ("vision", "text", "knowledge")
+PICTURE_MODALITIES = ("vision", "knowledge")  # asked about a picture, after the chat template
 
 
 def load_task(path, max_items, tokenizer, model_config, image_stores):
@@ -372,8 +386,8 @@ def load_task(path, max_items, tokenizer, model_config, image_stores):
         raise UserError(f"{path}: a task is a JSON object with modality, kind, chance and items; got a JSON "
                         f"{type(task).__name__}")
     task.setdefault("name", os.path.basename(path)[len("eval_"):-len(".json")])
-    if task.get("modality") not in ("vision", "text"):
-        raise UserError(f"{path}: modality {task.get('modality')!r} (expected 'vision' or 'text')")
+    if task.get("modality") not in MODALITIES:
+        raise UserError(f"{path}: modality {task.get('modality')!r} (expected 'vision', 'text' or 'knowledge')")
     if task.get("kind") not in KINDS:
         raise UserError(f"{path}: unknown kind {task.get('kind')!r} (expected one of {', '.join(KINDS)})")
     if task["kind"] == "open" and task.get("metric", "vqa") not in OPEN_METRICS:
@@ -385,7 +399,7 @@ def load_task(path, max_items, tokenizer, model_config, image_stores):
     if not isinstance(items, list) or not items:
         raise UserError(f"{path}: no items to score")
     task["items"] = items = items[:max_items] if max_items > 0 else items
-    vision = task["modality"] == "vision"
+    vision = task["modality"] in PICTURE_MODALITIES
     image_store = None
     if vision:  # memory-mapped: only the pictures a batch uses are read
         image_path = os.path.join(os.path.dirname(path), task.get("images", "eval_images.npy"))

@@ -61,7 +61,12 @@ def test_pope_metrics_and_stable_score_are_exact():
     assert evaluate.stable_score(0.75, 0.25) == 50.0
     rows = [{"modality": "vision", "stable": 10.0}, {"modality": "vision", "stable": 20.0},
             {"modality": "text", "stable": -6.0}]
-    assert evaluate.summarize(rows) == {"vision_avg": 15.0, "text_avg": -6.0, "overall_avg": 8.0}
+    assert evaluate.summarize(rows) == {"vision_avg": 15.0, "text_avg": -6.0, "knowledge_avg": None,
+                                        "vision_knowledge_avg": 15.0, "overall_avg": 8.0}
+    # a knowledge task joins its own average and the picture tasks' one; overall stays vision + text
+    summary = evaluate.summarize(rows + [{"modality": "knowledge", "stable": 36.0}])
+    assert summary == {"vision_avg": 15.0, "text_avg": -6.0, "knowledge_avg": 36.0,
+                       "vision_knowledge_avg": 22.0, "overall_avg": 8.0}
 
 
 def test_length_normalisation_can_change_the_pick():
@@ -222,7 +227,8 @@ def test_markdown_table_lists_every_task_and_the_averages():
     assert "| p | random | 2 | 100.0 | 100.0 | 100.0 | 100.0 | 50.0 | 50.0 |" in table
     assert "yes ratio = share of \"yes\" in the ground truth" in table
     assert "| b | text | multiple_choice | 3 | 25.0 (norm 50.0) | 25.0 | +0.0 |" in table
-    assert "**overall** | | | | | | **+12.5**" in table and "1.2345 bits per byte" in table
+    assert "**overall (vision + text)** | | | | | | **+12.5**" in table and "1.2345 bits per byte" in table
+    assert "knowledge average" not in table  # no knowledge task, no row for it
     assert "| a | red | 33.3 | 25.0 | 50.0 |" in table and "| b | option 2 | 66.7 | 25.0 | 25.0 |" in table
     assert "| a | colour | 2 | red | 50.0 | 50.0 |" in table
 
@@ -248,7 +254,7 @@ BAD_INPUTS = [
     ("malformed JSON", lambda d: write_raw(d / "eval_t.json", b'{"name": "t", "items": ['), "not a valid JSON task file"),
     ("a list, not an object", lambda d: write_json(d, [good_task()]), "a task is a JSON object"),
     ("no modality", lambda d: write_json(d, {k: v for k, v in good_task().items() if k != "modality"}),
-     "modality None (expected 'vision' or 'text')"),
+     "modality None (expected 'vision', 'text' or 'knowledge')"),
     ("an unknown kind", lambda d: write_json(d, dict(good_task(), kind="essay")), "unknown kind 'essay'"),
     ("an unknown metric", lambda d: write_json(d, dict(good_task(), metric="bleu")), "unknown metric 'bleu'"),
     ("no items", lambda d: write_json(d, dict(good_task(), items=[])), "no items to score"),
@@ -285,7 +291,8 @@ def good_eval(tmp_path, tok):
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
                          ffn_hidden=32, image_size=16, patch_size=8, image_token_id=tok.image_id)
-    save_checkpoint(str(tmp_path / "ckpt.pt"), {"config": {}, "model_config": asdict(config),
+    # a fine-tuned checkpoint, as evaluate.py expects (a pretraining one needs its whole config)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"config": {}, "stage": "finetune", "model_config": asdict(config),
                                                 "model": VLM(config).state_dict(), "compact_vocab": tok.compact_vocab})
     data = tmp_path / "data"
     data.mkdir()
@@ -306,6 +313,29 @@ def test_a_good_task_is_scored_and_its_predictions_kept(good_eval):
     lines = open(f"{ckpt}.eval.t.jsonl").read().splitlines()
     assert [json.loads(line)["index"] for line in lines] == [0, 1]
     assert "predictions" not in report["tasks"][0]  # in the JSONL, not in the report
+
+
+def test_a_knowledge_task_is_scored_after_its_picture_and_reported_in_its_averages(good_eval):
+    ckpt, data = good_eval
+    options = ["red", "blue", "green"]
+    knowledge = {"name": "k", "modality": "knowledge", "kind": "multiple_choice", "chance": 1 / 3,
+                 "items": [{"image": i, "prompt": "what color is it?", "options": options, "answer": i}
+                           for i in range(2)]}
+    (data / "eval_k.json").write_text(json.dumps(knowledge))
+    (data / "eval_v.json").write_text(json.dumps(dict(knowledge, name="v", modality="vision")))
+    report = run_evaluate(ckpt, data)
+    k, t, v = report["tasks"]  # in name order
+    # scored exactly as the same items asked as a vision task: the picture, the chat template, no delimiter
+    assert (k["modality"], v["modality"], k["accuracy"], k["acc_norm"]) == ("knowledge", "vision", v["accuracy"],
+                                                                          v["acc_norm"])
+    assert open(f"{ckpt}.eval.k.jsonl").read() == open(f"{ckpt}.eval.v.jsonl").read()
+    assert report["knowledge_avg"] == k["stable"]
+    assert report["vision_knowledge_avg"] == pytest.approx((k["stable"] + t["stable"] + v["stable"]) / 3)
+    assert report["vision_avg"] == pytest.approx((t["stable"] + v["stable"]) / 2)
+    assert report["overall_avg"] == report["vision_avg"]  # no text task here; knowledge is not in it
+    table = open(f"{ckpt}.eval.md").read()
+    assert f"| **knowledge average** | | | | | | **{k['stable']:+.1f}** |" in table
+    assert f"| **vision + knowledge average** | | | | | | **{report['vision_knowledge_avg']:+.1f}** |" in table
 
 
 @pytest.mark.parametrize("problem, make, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])

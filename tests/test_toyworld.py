@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from data import shards
+from data.errors import UserError
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from data.toyworld import prepare
 
@@ -74,7 +75,9 @@ def test_meta(world, meta):
     assert set(SPECIAL_TOKENS.values()) <= set(vocab)
     assert meta["format"] == 1 and meta["tokenizer"] == "cl100k_base"
     assert meta["image_size"] == [32, 32] and meta["seed"] == 1337 and meta["scale"] == SCALE
-    assert meta["eval_tasks"] == ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc"]
+    assert meta["eval_tasks"] == ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc",
+                                  "knowledge_mc"]
+    assert meta["without_knowledge_facts"] is False
     for name in meta["files"].values():
         for f in [name] if isinstance(name, str) else name:
             assert os.path.exists(os.path.join(world, f)), f
@@ -91,6 +94,9 @@ def test_shards_open_with_their_kind_and_vocab(world, meta, tok):
         chat = shards.read_shard(os.path.join(world, f"{split}_chat.bin"), shards.CONVERSATION, V)
         assert chat.num_samples == counts[f"{split}_chat_samples"] and chat.image_size == (32, 32)
         assert cap.num_samples >= 8 and chat.num_samples >= 8
+        knowledge = shards.read_shard(os.path.join(world, f"{split}_chat_knowledge.bin"), shards.CONVERSATION, V)
+        assert knowledge.num_samples == counts[f"{split}_knowledge_chat_samples"] >= 8
+        assert knowledge.image_size == (32, 32)
     assert counts["train_text_tokens"] >= prepare.TRAIN_TEXT_TOKENS * SCALE
 
 
@@ -204,6 +210,7 @@ EXPECTED_TASKS = {  # name: (modality, kind, chance)
     "color_qa": ("vision", "open", 1 / 6), "count_mc": ("vision", "multiple_choice", 1 / 3),
     "exists_yn": ("vision", "yes_no", 0.5), "arith_mc": ("text", "multiple_choice", 0.25),
     "facts_mc": ("text", "multiple_choice", 0.25), "story_mc": ("text", "multiple_choice", 0.25),
+    "knowledge_mc": ("knowledge", "multiple_choice", 1 / 3),
 }
 
 
@@ -224,7 +231,7 @@ def test_eval_sets_are_well_formed(world, meta, tok):
             assert set(it) == {"image", "prompt", "options", "answer"}
             prompt = it["prompt"]
             assert prompt == prompt.strip() and prompt
-            if modality == "vision":
+            if modality in ("vision", "knowledge"):  # a picture and the chat template
                 assert isinstance(it["image"], int) and 0 <= it["image"] < len(images)
                 used.add(it["image"])
                 tok.encode_prompt(prompt)
@@ -232,13 +239,15 @@ def test_eval_sets_are_well_formed(world, meta, tok):
                 assert it["image"] is None
             if kind == "multiple_choice":
                 opts = it["options"]
-                assert len(opts) == (3 if name == "count_mc" else 4) == len(set(opts))
+                assert len(opts) == (3 if name in ("count_mc", "knowledge_mc") else 4) == len(set(opts))
                 assert isinstance(it["answer"], int) and 0 <= it["answer"] < len(opts)
                 assert chance == pytest.approx(1 / len(opts))
                 assert task["delimiter"] == (" " if modality == "text" else "")
                 for o in opts:  # lm-eval's contract: options without the delimiter
                     assert o == o.strip() and o
-                    tok.encode(prompt + task["delimiter"] + o)
+                    # what evaluate.py encodes: a text prompt and its option together, after a chat
+                    # prompt the option alone (it follows <|assistant|>)
+                    tok.encode(prompt + task["delimiter"] + o if modality == "text" else o)
             elif kind == "yes_no":
                 assert it["options"] is None and it["answer"] in ("yes", "no")
             else:
@@ -305,6 +314,151 @@ def test_every_fact_and_sum_behind_an_eval_item_is_taught():
         assert template not in text_world.cause_templates[i] and len(text_world.cause_templates[i]) >= 3
     assert len(text_world.fact_eval) >= 150 and len(text_world.arith_eval) >= 150
     assert len(text_world.cause_eval) * prepare.STORY_EVAL_NAMES >= 200
+
+
+# ------------------------------------------------------------------ knowledge questions
+
+def thing_colors():
+    """Each thing of the corpus's thing_color facts -> its colour."""
+    return {x: y for x, y in prepare.RELATIONS["thing_color"]["facts"]}
+
+
+def knowledge_turns(world, tok, name):
+    """(picture, thing, answer) of every knowledge conversation in a shard."""
+    shard = shards.read_shard(os.path.join(world, name))
+    for i in range(shard.num_samples):
+        text = tok.decode(shard.sample_tokens(i))
+        (thing, answer), = re.findall(r"<\|user\|>where is the shape with the color of ([a-z ]+)\?<\|end\|>"
+                                      r"<\|assistant\|>([a-z ]+)<\|end\|>", text)
+        yield np.asarray(shard.images[i]), thing, answer
+
+
+def test_knowledge_things_are_split_between_fine_tuning_and_evaluation():
+    evals, train = prepare.KNOWLEDGE_EVAL_THINGS, prepare.KNOWLEDGE_TRAIN_THINGS
+    colors = thing_colors()
+    assert set(evals) == set(train) == set(range(len(prepare.COLORS)))  # every picture colour has both
+    for c in evals:
+        assert len(evals[c]) == prepare.KNOWLEDGE_EVAL_PER_COLOR and train[c]
+        assert not set(evals[c]) & set(train[c])
+        assert all(colors[x] == prepare.COLORS[c] for x in evals[c] + train[c])
+    assert sorted(prepare.KNOWLEDGE_EVAL_FACTS) == sorted(
+        ("thing_color", x, prepare.COLORS[c]) for c, things in evals.items() for x in things)
+
+
+def test_no_conversation_names_an_evaluation_thing(world, tok):
+    """Fine-tuning never pairs an eval thing with its colour: no conversation names one at all."""
+    eval_things = [x for things in prepare.KNOWLEDGE_EVAL_THINGS.values() for x in things]
+    named = re.compile(r"\b(?:" + "|".join(eval_things) + r")\b")
+    checked = 0
+    for name in ["train_chat.bin", "val_chat.bin", "train_chat_knowledge.bin", "val_chat_knowledge.bin"]:
+        shard = shards.read_shard(os.path.join(world, name))
+        for i in range(shard.num_samples):
+            text = tok.decode(shard.sample_tokens(i))
+            assert not named.search(text), text
+            checked += 1
+    train_things = {x for things in prepare.KNOWLEDGE_TRAIN_THINGS.values() for x in things}
+    assert {thing for _, thing, _ in knowledge_turns(world, tok, "train_chat_knowledge.bin")} <= train_things
+    assert checked > 100
+
+
+def test_knowledge_conversations_answer_with_the_place_of_the_thing_colour(world, tok):
+    colors = thing_colors()
+    answers = []
+    for image, thing, answer in knowledge_turns(world, tok, "train_chat_knowledge.bin"):
+        cells = [cell for cell in range(4) if colour_pixels(image, cell, colors[thing]) >= 20]
+        assert cells == [prepare.POSITIONS.index(answer)], (thing, answer, cells)  # the one shape of that colour
+        answers.append(answer)
+    assert len(set(answers)) == 4
+
+
+def test_knowledge_items_cannot_be_answered_without_the_thing_colour(world):
+    task = load_eval(world, "knowledge_mc")
+    images = np.load(os.path.join(world, "eval_images.npy"))
+    colors = thing_colors()
+    eval_things = {x for things in prepare.KNOWLEDGE_EVAL_THINGS.values() for x in things}
+    for it in task["items"]:
+        thing = re.fullmatch(r"where is the shape with the color of ([a-z ]+)\?", it["prompt"]).group(1)
+        assert thing in eval_things
+        # the options are the places of three shapes in three colours, one of them the thing's
+        worn = [[c for c in prepare.COLORS if colour_pixels(images[it["image"]], prepare.POSITIONS.index(place), c)
+                 >= 20] for place in it["options"]]
+        assert sorted(map(len, worn)) == [1, 1, 1] and len({w[0] for w in worn}) == 3, it
+        assert worn[it["answer"]] == [colors[thing]], it
+    # each place among the options is the answer equally often
+    assert np.ptp(np.bincount([it["answer"] for it in task["items"]], minlength=3)) <= 1
+    assert len(task["items"]) == prepare.n_items(SCALE)
+
+
+def test_knowledge_items_ask_about_a_colour_that_one_shape_wears():
+    import random
+    rng = random.Random(0)
+    scenes, _ = prepare.vision_evals(rng, 30)
+    colors = thing_colors()
+    for it in prepare.knowledge_evals(scenes, rng, 40):
+        thing = it["prompt"][len("where is the shape with the color of "):-1]
+        objects = scenes[it["image"]][1]
+        assert [prepare.POSITIONS[o[0]] for o in objects] == it["options"]
+        assert [prepare.COLORS[o[2]] for o in objects].count(colors[thing]) == 1
+        assert prepare.COLORS[objects[it["answer"]][2]] == colors[thing]
+
+
+def test_the_default_corpus_teaches_every_evaluation_fact_often():
+    """The facts knowledge_mc needs are in the text the main job trains on, in both directions
+    ("the sun is yellow.", "yellow is the color of the sun.") and often."""
+    import random
+    text_world = prepare.TextWorld()
+    tok = Tokenizer(prepare.compact_vocab())
+    docs, _ = prepare.text_tokens(text_world, random.Random("toyworld/1337/train_text"), tok,
+                                  prepare.TRAIN_TEXT_TOKENS)
+    corpus = "\n".join(docs)
+    facts = prepare.RELATIONS["thing_color"]["facts"]
+    for relation, x, y in prepare.KNOWLEDGE_EVAL_FACTS:
+        sentences = text_world.fact_sentences[relation][facts.index((x, y))]
+        assert sum(corpus.count(s) for s in sentences) >= 50, x
+        assert corpus.count(f"{y} is the color of {x}.") >= 10, x
+
+
+def test_the_control_corpus_is_the_full_one_less_exactly_the_evaluation_facts():
+    import random
+    full, control = prepare.TextWorld(), prepare.TextWorld(left_out=prepare.KNOWLEDGE_EVAL_FACTS)
+    facts = prepare.RELATIONS["thing_color"]["facts"]
+    left_out = [s for relation, x, y in prepare.KNOWLEDGE_EVAL_FACTS
+                for s in full.fact_sentences[relation][facts.index((x, y))]]
+    assert control.left_out_sentences == set(left_out)
+    assert control.fact_sentences == full.fact_sentences and control.fact_eval == full.fact_eval
+    changed = 0
+    for i in range(3000):  # the same draws give the same document, less the left-out sentences
+        doc = full.document(random.Random(i))
+        kept = doc
+        for sentence in (s for s in left_out if s in doc):
+            kept = re.sub(rf"(?:^| ){re.escape(sentence)}(?= |$)", "", kept).strip()
+        assert control.document(random.Random(i)) == kept
+        changed += kept != doc
+    assert changed > 50
+
+
+def test_the_control_world_differs_from_the_full_one_only_in_its_text(world, tmp_path):
+    control = tmp_path / "control"
+    prepare.main(["--out_dir", str(control), "--scale", str(SCALE), "--without_knowledge_facts"])
+    with open(control / "meta.json") as f:
+        assert json.load(f)["without_knowledge_facts"] is True
+    assert files_of(world) == files_of(control)
+    for name in files_of(world):
+        with open(os.path.join(world, name), "rb") as a, open(control / name, "rb") as b:
+            assert (a.read() == b.read()) == (name not in ("train_text.bin", "val_text.bin", "meta.json")), name
+    # neither kind of toy world quietly replaces the other
+    with pytest.raises(UserError, match="prepared without the knowledge facts; delete it or choose another"):
+        prepare.main(["--out_dir", str(control), "--scale", str(SCALE)])
+    with pytest.raises(UserError, match="prepared with the knowledge facts"):
+        prepare.main(["--out_dir", world, "--scale", str(SCALE), "--without_knowledge_facts"])
+    assert os.path.exists(os.path.join(world, "meta.json"))  # refused before anything was touched
+
+
+def test_the_control_has_its_own_default_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(prepare, "HERE", str(tmp_path))
+    prepare.main(["--scale", "0.005", "--without_knowledge_facts"])
+    assert os.path.exists(tmp_path / prepare.CONTROL_DIR / "meta.json")
+    assert not os.path.exists(tmp_path / "meta.json")
 
 
 def test_samples_image(world):

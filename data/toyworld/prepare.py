@@ -4,6 +4,7 @@ Generates the "toy world": the embedded default dataset, small enough that the w
 
     python data/toyworld/prepare.py                  # writes into data/toyworld/
     python -m data.toyworld.prepare --out_dir /tmp/tw --scale 0.02 --seed 7
+    python data/toyworld/prepare.py --without_knowledge_facts   # the control, data/toyworld/without_knowledge_facts/
 
 The world: 32x32 RGB pictures of one to three shapes (circle, square, triangle) in six colours
 and two sizes, one shape per cell of a 2x2 grid (so "where is it?" always has one answer: top
@@ -11,13 +12,15 @@ left, top right, bottom left, bottom right), on a black, white or gray backgroun
 has a caption and a short LLaVA-style conversation. Beside them, a text corpus from a grammar
 about the same concepts: facts (colours of things, sides of shapes, colour mixing, what is a
 colour/shape/number/animal, animals' legs and sounds, opposites), counting, small arithmetic and
-short stories.
+short stories. Knowledge questions join the two: "where is the shape with the color of the sun?"
+needs the picture and a fact from the text.
 
 What it writes (token ids are *compact* ids: index i means cl100k id meta["compact_vocab"][i]):
     train_text.bin, val_text.bin          text shards, documents ended by <|endoftext|>
     train_caption.bin, val_caption.bin    image-caption shards (caption tokens only)
     train_chat.bin, val_chat.bin          conversation shards (one image each, assistant-only mask)
-    eval_<task>.json, eval_images.npy     six held-out evaluation sets (format below)
+    train_chat_knowledge.bin, val_...     knowledge questions about fine-tuning things, one a conversation
+    eval_<task>.json, eval_images.npy     seven held-out evaluation sets (format below)
     eval_captions.txt                     a caption of each eval picture, one a line (sample.py)
     samples.png, samples.txt              64 pictures and their captions, for a person to look at
     meta.json                             written last, atomically: its presence = complete dataset
@@ -31,12 +34,16 @@ Evaluation sets, each {"name", "modality", "kind", "chance", "description", "ite
     arith_mc   text multi-choice    "three plus four is" -> "seven" (4 options)    chance 1/4
     facts_mc   text multi-choice    "a banana is" -> "yellow" (4 options)          chance 1/4
     story_mc   text multi-choice    "mia was hungry, so she" -> "ate a sandwich"   chance 1/4
+    knowledge_mc knowledge multi-choice "where is the shape with the color of the sun?" -> "top
+               left" among the places of the picture's three shapes           chance 1/3
 Held out: eval pictures are scenes (background + every shape's cell, kind, colour and size) that
 no training picture shows; a text eval item's prompt + delimiter + correct option never occurs
 verbatim in the training text. The facts and sums behind them are taught, in other sentence
 forms: every fact has several templates and each eval item uses a (template, fact) pair the
 corpus leaves out, so the model must have learnt the fact from one wording and the wording from
-other facts.
+other facts. knowledge_mc asks about the vision tasks' pictures, and its things are never named in
+a conversation: their colours are only in the text corpus (--without_knowledge_facts takes them
+out of it: the control run).
 
 Everything is lower case, and every word the grammar can emit is listed below, so the compact
 vocabulary is the same for every --seed and --scale. Same arguments => byte-identical files.
@@ -56,12 +63,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.atomic import atomic_write, write_text  # noqa: E402
-from data.errors import report_user_errors  # noqa: E402
+from data.errors import UserError, report_user_errors  # noqa: E402
 from data.shards import (write_conversation_shard, write_image_caption_shard,  # noqa: E402
                          write_text_shard)
 from data.tokenizer import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CONTROL_DIR = "without_knowledge_facts"  # --without_knowledge_facts's default folder, inside HERE
 
 # Sample counts at --scale 1.0 (each is multiplied by --scale).
 TRAIN_TEXT_TOKENS = 1_500_000
@@ -565,9 +573,13 @@ def pick_name(rng, avoid=None):
 
 
 class TextWorld:
-    """Builds the sentence inventories once; samples documents with a given random.Random."""
+    """Builds the sentence inventories once; samples documents with a given random.Random.
 
-    def __init__(self):
+    left_out: facts (relation, x, y) whose sentences the corpus never says (the control run of
+    knowledge_mc). Documents are drawn exactly as without it and those sentences then dropped, so
+    the corpus is the full one less them, and no other sentence changes."""
+
+    def __init__(self, left_out=()):
         self.fact_sentences = {}  # relation -> per fact, the sentences the corpus may use
         self.fact_eval = []  # (relation, x, y, prompt): the held-out pairs
         for name, rel in RELATIONS.items():
@@ -606,6 +618,8 @@ class TextWorld:
                 else:
                     self.arith_sentences.append(template.format(**words))
             self.arith_sentences += [t.format(**words) for t in ARITH_TEMPLATES[op]["train"]]
+        self.left_out_sentences = {sentence for relation, x, y in left_out for sentence in
+                                   self.fact_sentences[relation][RELATIONS[relation]["facts"].index((x, y))]}
 
     # -- documents --------------------------------------------------------------------------
     def facts_doc(self, rng):
@@ -616,7 +630,9 @@ class TextWorld:
             else:
                 rel = rng.choices(self.relations, self.relation_weights)[0]
                 fact = rng.choices(self.fact_sentences[rel], self.fact_weights[rel])[0]
-                out.append(rng.choice(fact))
+                sentence = rng.choice(fact)
+                if sentence not in self.left_out_sentences:  # drawn all the same, so what follows is unchanged
+                    out.append(sentence)
         return " ".join(out)
 
     def arith_doc(self, rng):
@@ -739,6 +755,90 @@ class TextWorld:
 
 
 # ----------------------------------------------------------------------------------------------
+# Knowledge questions: the picture and a fact that only the text teaches
+#
+# "where is the shape with the color of the sun?" needs the colour of the sun from the text corpus
+# ("the sun is yellow.") and the yellow shape's place from the picture. The things of each picture
+# colour are split in two: the fine-tuning conversations ask about KNOWLEDGE_TRAIN_THINGS,
+# knowledge_mc only about KNOWLEDGE_EVAL_THINGS, which no conversation names. So a model answers
+# knowledge_mc only by combining what it sees with what it read; --without_knowledge_facts leaves
+# the eval things' colour sentences out of the corpus, the control in which knowledge_mc must fall
+# to chance. (The question names the thing and the answer is in the picture, because the corpus
+# teaches a thing's colour mostly as "<thing> is <colour>": asked the other way round, "which thing
+# has the color of the circle: ...?", a fine-tuned toy model scored exactly chance, and even as
+# plain text it could not complete "yellow is the color of" with its yellow thing; docs/toy_notes.md.)
+
+KNOWLEDGE_QUESTION = "where is the shape with the color of {thing}?"
+KNOWLEDGE_EVAL_PER_COLOR = 2  # the things of each picture colour that only evaluation asks about
+TRAIN_KNOWLEDGE_CHATS, VAL_KNOWLEDGE_CHATS = 2_000, 125  # at --scale 1.0, beside the other conversations
+
+
+def knowledge_things():
+    """(eval, train): for each picture colour (an index into COLORS), the things of that colour
+    that knowledge_mc asks about and those that fine-tuning asks about. The eval things are the
+    KNOWLEDGE_EVAL_PER_COLOR the corpus mentions most (the highest fact weights), so the text
+    teaches their colours often: about 75 to 2,900 sentences each in the default corpus."""
+    facts = RELATIONS["thing_color"]["facts"]
+    weight = dict(zip(facts, fact_weights("thing_color")))
+    evals, train = {}, {}
+    for c, color in enumerate(COLORS):
+        things = sorted((x for x, y in facts if y == color), key=lambda x: -weight[(x, color)])
+        evals[c], train[c] = things[:KNOWLEDGE_EVAL_PER_COLOR], things[KNOWLEDGE_EVAL_PER_COLOR:]
+    return evals, train
+
+
+KNOWLEDGE_EVAL_THINGS, KNOWLEDGE_TRAIN_THINGS = knowledge_things()
+# what --without_knowledge_facts leaves out of the corpus: the eval things' colours, nothing else
+KNOWLEDGE_EVAL_FACTS = [("thing_color", x, COLORS[c]) for c, things in KNOWLEDGE_EVAL_THINGS.items() for x in things]
+
+
+def knowledge_scenes(rng, n, exclude):
+    """n training scenes (none in `exclude`) in which some colour is worn by one shape only, so
+    that a knowledge question about it has one answer."""
+    scenes = []
+    while len(scenes) < n:
+        scene = sample_scenes(rng, 1, exclude)[0]
+        colors = [o[2] for o in scene[1]]
+        if any(colors.count(c) == 1 for c in colors):
+            scenes.append(scene)
+    return scenes
+
+
+def knowledge_conversation(scene, rng):
+    """One turn asking where the shape with the colour of a fine-tuning thing is."""
+    colors = [o[2] for o in scene[1]]
+    obj = rng.choice([o for o in scene[1] if colors.count(o[2]) == 1])
+    thing = rng.choice(KNOWLEDGE_TRAIN_THINGS[obj[2]])
+    return [("user", KNOWLEDGE_QUESTION.format(thing=thing)), ("assistant", POSITIONS[obj[0]])]
+
+
+def knowledge_evals(scenes, rng, n):
+    """knowledge_mc's items, about the vision tasks' held-out pictures of three shapes in three
+    colours (so no training picture changes): where is the shape with the colour of an eval
+    thing? The options are the three shapes' places, in reading order; each is the answer
+    equally often, and the thing's colour is drawn from the picture's three, so a model that does
+    not know the thing's colour scores chance, 1/3, whatever it makes of the picture."""
+    by_answer = [[], [], []]  # (picture, asked shape) by the asked shape's place among the options
+    for index, (_, objects) in enumerate(scenes):
+        if len({o[2] for o in objects}) == 3:
+            for k in range(3):
+                by_answer[k].append((index, k))
+    for candidates in by_answer:
+        rng.shuffle(candidates)
+    if min(map(len, by_answer)) * 3 < n:
+        raise RuntimeError("knowledge_mc: too few evaluation pictures of three shapes in three colours")
+    items = []
+    for i in range(n):
+        index, answer = by_answer[i % 3][i // 3]
+        objects = scenes[index][1]
+        thing = rng.choice(KNOWLEDGE_EVAL_THINGS[objects[answer][2]])
+        items.append({"image": index, "prompt": KNOWLEDGE_QUESTION.format(thing=thing),
+                      "options": [POSITIONS[o[0]] for o in objects], "answer": answer})
+    rng.shuffle(items)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
 # The compact vocabulary: every word of the grammar, with and without a leading space, and the
 # punctuation it uses. Built from the lexicon, not from sampled text, so it never depends on the
 # seed or scale; encoding would fail loudly if a sampled text used anything else.
@@ -754,7 +854,7 @@ def grammar_strings():
                  RELATIONS, ARITH_TEMPLATES, EXTRA_FACTS, COUNT_INTROS, ["counting by twos"],
                  COUNT_FACTS, NAMES, OBJECT_PRONOUN, TOYS, STORY_COLORS, STORY_INTROS, STORY_FILLERS,
                  STORY_RECALLS, CAUSES, CAUSE_TEMPLATES, REPEAT_TEMPLATES, SUM_STORIES, FRUITS, SCENE_INTROS,
-                 SHAPE_STORY, COUNT_SOME_QUESTIONS,
+                 SHAPE_STORY, COUNT_SOME_QUESTIONS, KNOWLEDGE_QUESTION,
                  "the end", "the {toy} was"]
     out = []
 
@@ -875,8 +975,15 @@ TASK_INFO = {
                  "taught in other sentence forms (some often, some rarely); this form of it never "
                  "appears in the training text. 30 causes x 2 held-out forms, each told about "
                  f"{STORY_EVAL_NAMES} different children."),
+    "knowledge_mc": ("knowledge", "multiple_choice", 1 / 3,
+                     "'where is the shape with the color of the sun?' in a picture of three shapes in three "
+                     "colours; the options are the three shapes' places. It needs the thing's colour, which only "
+                     "the text corpus teaches (fine-tuning asks the same question about other things), and the "
+                     "picture. The option with the highest log-likelihood after tok.encode_prompt(prompt) wins. "
+                     "Each place is the answer equally often and the thing's colour is one of the picture's three, "
+                     "so a model that does not know it scores chance, 1/3."),
 }
-EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc"]
+EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc", "knowledge_mc"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -924,7 +1031,8 @@ def text_tokens(world, rng, tok, target):
     """Documents until `target` tokens, joined with <|endoftext|>."""
     docs, chunks, total = [], [], 0
     while total < target:
-        batch = [world.document(rng) for _ in range(1000)]
+        # without the knowledge facts a facts document may lose every sentence: none is left to write
+        batch = [doc for doc in (world.document(rng) for _ in range(1000)) if doc]
         for doc, ids in zip(batch, map(tok.encode, batch)):
             if total >= target:
                 break
@@ -936,17 +1044,28 @@ def text_tokens(world, rng, tok, target):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out_dir", default=HERE)
+    parser.add_argument("--out_dir", default=None, help=f"default {HERE}")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every sample count")
     parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--without_knowledge_facts", action="store_true",
+                        help="the control of knowledge_mc: leave the colours of its things out of the text corpus "
+                             f"(default --out_dir {os.path.join(HERE, CONTROL_DIR)})")
     args = parser.parse_args(argv)
     if args.image_size < 16 or args.image_size % 2:
         parser.error("--image_size must be even and at least 16")
+    if args.out_dir is None:
+        args.out_dir = os.path.join(HERE, CONTROL_DIR) if args.without_knowledge_facts else HERE
     t0 = time.time()
     os.makedirs(args.out_dir, exist_ok=True)
     meta_path = os.path.join(args.out_dir, "meta.json")
     if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old_control = json.load(f).get("without_knowledge_facts", False)
+        if old_control != args.without_knowledge_facts:  # a control must never quietly replace a toy world
+            raise UserError(f"--out_dir {args.out_dir} holds a toy world prepared "
+                            f"{'without' if old_control else 'with'} the knowledge facts; delete it or choose "
+                            "another --out_dir")
         os.remove(meta_path)  # the dataset is incomplete until the new meta.json is written
 
     def rng(stream):  # independent, reproducible random streams (string seeds hash with sha512)
@@ -961,7 +1080,7 @@ def main(argv=None):
     vocab = compact_vocab()
     tok = Tokenizer(vocab)
     V = tok.vocab_size
-    world = TextWorld()
+    world = TextWorld(left_out=KNOWLEDGE_EVAL_FACTS if args.without_knowledge_facts else ())
     counts, files = {}, {}
 
     def path(name):
@@ -1007,8 +1126,21 @@ def main(argv=None):
             write_samples(args.out_dir, images, captions, chat_images, chats)
             files["samples"] = ["samples.png", "samples.txt"]
 
+    # knowledge conversations: their own shards and random streams, so every file above is as it
+    # was before they existed (finetune.py reads every train_chat*.bin)
+    for split, n_chat, stream in [("train", TRAIN_KNOWLEDGE_CHATS, 12), ("val", VAL_KNOWLEDGE_CHATS, 22)]:
+        r = rng(f"{split}_knowledge_chat")
+        chat_scenes = knowledge_scenes(r, count(n_chat), held)
+        chat_images = render(chat_scenes, np_rng(stream), args.image_size)
+        encoded = [tok.encode_conversation(knowledge_conversation(s, r)) for s in chat_scenes]
+        write_conversation_shard(path(f"{split}_chat_knowledge.bin"), chat_images, [e[0] for e in encoded],
+                                 [e[1] for e in encoded], V)
+        counts.update({f"{split}_knowledge_chat_samples": len(chat_scenes),
+                       f"{split}_knowledge_chat_tokens": sum(len(e[0]) for e in encoded)})
+
     # evaluation sets
-    tasks = dict(vision_tasks, **text_evals(world, rng("eval_text"), n_eval))
+    tasks = dict(vision_tasks, **text_evals(world, rng("eval_text"), n_eval),
+                 knowledge_mc=knowledge_evals(eval_scenes, rng("eval_knowledge"), n_eval))
     corpus = "\n".join(train_docs)
     for name in ("arith_mc", "facts_mc", "story_mc"):  # held out, verbatim (by construction)
         leaks = [it["prompt"] for it in tasks[name]
@@ -1038,24 +1170,30 @@ def main(argv=None):
 
     meta = {"format": 1, "tokenizer": "cl100k_base", "compact_vocab": vocab, "vocab_size": V,
             "image_size": [args.image_size, args.image_size], "seed": args.seed, "scale": args.scale,
+            "without_knowledge_facts": args.without_knowledge_facts,
             "counts": counts, "eval_tasks": EVAL_TASKS, "files": files,
             "world": {"shapes": SHAPES, "colors": COLORS, "sizes": SIZES, "positions": POSITIONS,
-                      "backgrounds": BACKGROUNDS, "max_shapes": 3}}
+                      "backgrounds": BACKGROUNDS, "max_shapes": 3,
+                      "knowledge_eval_things": {COLORS[c]: t for c, t in KNOWLEDGE_EVAL_THINGS.items()},
+                      "knowledge_train_things": {COLORS[c]: t for c, t in KNOWLEDGE_TRAIN_THINGS.items()}}}
     files["meta"] = "meta.json"
     meta["files"] = dict(sorted(files.items()))
     write_json(meta_path, meta)
 
     seconds = time.time() - t0
-    print(f"toy world (seed {args.seed}, scale {args.scale}, {args.image_size}px) -> {args.out_dir}")
+    print(f"toy world (seed {args.seed}, scale {args.scale}, {args.image_size}px"
+          + (", without the knowledge facts" if args.without_knowledge_facts else "") + f") -> {args.out_dir}")
     for name in sorted(set(f for v in files.values() for f in ([v] if isinstance(v, str) else v))):
         size = os.path.getsize(os.path.join(args.out_dir, name))
-        print(f"  {name:22s} {size / 1e6:8.2f} MB")
+        print(f"  {name:24s} {size / 1e6:8.2f} MB")
     print(f"  text: {counts['train_text_tokens']:,} train / {counts['val_text_tokens']:,} val tokens "
           f"({counts['train_text_docs']:,} train documents)")
     print(f"  captions: {counts['train_caption_samples']:,} train / {counts['val_caption_samples']:,} val "
           f"({counts['train_caption_tokens']:,} train tokens)")
     print(f"  chats: {counts['train_chat_samples']:,} train / {counts['val_chat_samples']:,} val "
-          f"({counts['train_chat_tokens']:,} train tokens, {counts['train_chat_trained_tokens']:,} trained)")
+          f"({counts['train_chat_tokens']:,} train tokens, {counts['train_chat_trained_tokens']:,} trained), "
+          f"and {counts['train_knowledge_chat_samples']:,} / {counts['val_knowledge_chat_samples']:,} "
+          "knowledge questions")
     print("  eval: " + ", ".join(f"{t} {counts['eval_' + t]}" for t in EVAL_TASKS)
           + f"; {len(eval_images)} eval images")
     print(f"  vocab: {V} tokens (compact cl100k ids); {seconds:.1f} s")
