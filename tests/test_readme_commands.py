@@ -45,6 +45,23 @@ COMMANDS = {
     "'finetune.epochs': (2, 6)}\" --sweep_dir=out/toy_epochs":
         "python sweep.py config/toy_sweep.py --axes=\"{'vision_start_frac': (0.4, 0.8), 'image_ratio': (0.5,), "
         "'finetune.epochs': (2, 6)}\" --sweep_dir=out/toy_epochs --dry_run=True",
+    # README, "The third question": conversations in the image phase, one run and the toy study's plan
+    "python pretrain.py config/toy.py --instruct_ratio=0.1 --out_dir=out/toy_instruct":
+        f"python pretrain.py config/toy.py --instruct_ratio=0.1 --out_dir=out/toy_instruct {SMALL_PRETRAIN}",
+    "python sweep.py config/toy_sweep.py config/toy_instruct_sweep.py":
+        "python sweep.py config/toy_sweep.py config/toy_instruct_sweep.py --dry_run=True",
+    # docs/toy_notes.md: the knowledge task's control, a toy world without the facts it needs
+    "python data/toyworld/prepare.py --without_knowledge_facts":
+        f"python data/toyworld/prepare.py --without_knowledge_facts {SMALL_DATA}",
+    "python pretrain.py config/toy.py --data_dir=data/toyworld/without_knowledge_facts --out_dir=out/toy_control":
+        f"python pretrain.py config/toy.py --data_dir=data/toyworld/without_knowledge_facts --out_dir=out/toy_control "
+        f"{SMALL_PRETRAIN}",
+    "python finetune.py config/toy_sft.py --data_dir=data/toyworld/without_knowledge_facts "
+    "--init_from=out/toy_control/ckpt.pt --out_dir=out/toy_control_sft":
+        f"python finetune.py config/toy_sft.py --data_dir=data/toyworld/without_knowledge_facts "
+        f"--init_from=out/toy_control/ckpt.pt --out_dir=out/toy_control_sft {SMALL_FINETUNE}",
+    "python evaluate.py --ckpt=out/toy_control_sft/ckpt.pt --data_dir=data/toyworld/without_knowledge_facts":
+        "python evaluate.py --ckpt=out/toy_control_sft/ckpt.pt --data_dir=data/toyworld/without_knowledge_facts",
     "python pretrain.py config/toy.py --vision_encoder=conv --out_dir=out/toy_conv":
         ("not run", "needs the README's diff to model.py: tests/test_fork.py applies it and runs this at toy size"),
     # docs/stages.md, then docs/ask.md: sample.py in a terminal
