@@ -54,7 +54,7 @@ from configurator import apply_overrides, script_settings  # noqa: E402
 from data import shards  # noqa: E402
 from data.atomic import write_text  # noqa: E402
 from data.errors import report_user_errors  # noqa: E402
-from data.loader import TextCaptionLoader  # noqa: E402
+from data.loader import MixedLoader  # noqa: E402
 from data.tokenizer import FULL_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: E402
 from kernels.bench import ANCHOR_SHAPES, TINY_SHAPES, bench_kernels, ceilings  # noqa: E402
 from model import VLM, configure_optimizer, model_config_from_settings  # noqa: E402
@@ -125,7 +125,7 @@ def synthetic_loader(folder, config, seq_len, caption_len, eot_id):
                                      [rng.integers(0, ordinary, caption_len) for _ in range(n)], config.vocab_size)
     # the loader needs only these three of a tokenizer (the tiny model's ids are made up)
     tokenizer = types.SimpleNamespace(image_id=config.image_token_id, eot_id=eot_id, vocab_size=config.vocab_size)
-    return TextCaptionLoader(text_files=[text], caption_files=[captions], tokenizer=tokenizer, batch_size=batch_size,
+    return MixedLoader(text_files=[text], caption_files=[captions], tokenizer=tokenizer, batch_size=batch_size,
                           seq_len=seq_len, tokens_per_image=config.tokens_per_image, caption_len=caption_len,
                           device=DEVICE)
 

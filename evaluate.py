@@ -53,7 +53,7 @@ from common import autocast_context, check_positive, resolve_device
 from data.atomic import write_text
 from configurator import apply_overrides
 from data.errors import MissingFileError, UserError, report_user_errors
-from data.loader import TextCaptionLoader
+from data.loader import MixedLoader
 from data.shards import find_shards
 from inference import Progress, greedy_answers, load_model, loglikelihoods
 
@@ -295,7 +295,7 @@ def evaluate_task(task, model, tokenizer, image_store, device, autocast, batch_s
 def bits_per_byte(model, tokenizer, files, seq_len, batches, device, autocast, batch_size):
     """Text validation loss in bits per UTF-8 byte of the predicted text, which, unlike loss
     per token, compares models with different tokenizers. Special-token targets are left out."""
-    loader = TextCaptionLoader(text_files=files, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+    loader = MixedLoader(text_files=files, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
                             device=device)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
     special = {tokenizer.eot_id, tokenizer.image_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id}

@@ -24,7 +24,7 @@ from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check
                     train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
-from data.loader import ConversationLoader, TextCaptionLoader
+from data.loader import ConversationLoader, MixedLoader
 from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer, vocab_growth
 from model import VLM, ModelConfig, configure_optimizer
@@ -171,7 +171,7 @@ if train_loader.image_size != (model_config.image_size,) * 2:
                     f"{model_config.image_size}x{model_config.image_size}")
 # Chat-only fine-tuning at a toy model's learning rates erases what pretraining taught about
 # text; a few rows of pretraining text in every batch keep it (text_rows).
-text_loader = None if text_rows == 0 else TextCaptionLoader(
+text_loader = None if text_rows == 0 else MixedLoader(
     text_files=find_shards(data_dir, train_text, hint=f"text_rows={text_rows} mixes rows of plain text into each "
                            "batch; to fine-tune on conversations only, set --text_rows=0"),
     tokenizer=tokenizer, batch_size=text_rows, seq_len=seq_len, rank=rank, world_size=world_size, device=device)

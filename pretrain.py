@@ -31,7 +31,7 @@ from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check
                     setup_training, shard_model, stop_if_not_finite, train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
-from data.loader import TextCaptionLoader
+from data.loader import MixedLoader
 from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
 from model import VISION_ENCODERS, VLM, configure_optimizer, model_config_from_settings
@@ -202,7 +202,7 @@ model_config = model_config_from_settings(config, tokenizer.vocab_size, tokenize
 
 
 def make_loader(text_pattern, caption_pattern, chat_files, loader_rank, loader_world):
-    loader = TextCaptionLoader(
+    loader = MixedLoader(
         text_files=find_shards(data_dir, text_pattern), caption_files=find_shards(data_dir, caption_pattern),
         chat_files=chat_files, seed=seed, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
         tokens_per_image=model_config.tokens_per_image, caption_len=caption_len, rank=loader_rank,

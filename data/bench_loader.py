@@ -29,7 +29,7 @@ from PIL import Image
 from data.errors import report_user_errors
 from data import shards
 from data.images import load_image
-from data.loader import TextCaptionLoader
+from data.loader import MixedLoader
 from data.tokenizer import FULL_VOCAB_SIZE, Tokenizer
 
 VOCAB = FULL_VOCAB_SIZE
@@ -92,7 +92,7 @@ def main():
     tokens_per_image = (args.image_size // args.patch_size) ** 2
     with tempfile.TemporaryDirectory() as folder:
         text, captions = write_shards(folder, 20_000_000, 2000, args.image_size, args.caption_len)
-        loader = TextCaptionLoader(text_files=text, caption_files=captions, tokenizer=Tokenizer(),
+        loader = MixedLoader(text_files=text, caption_files=captions, tokenizer=Tokenizer(),
                                 batch_size=args.batch_size, seq_len=args.seq_len, tokens_per_image=tokens_per_image,
                                 caption_len=args.caption_len)
         for f in text + captions:  # into the page cache

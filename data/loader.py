@@ -78,7 +78,7 @@ def _open_all(files, kind, vocab_size, what):
     return [read_shard(f, expected_kind=kind, vocab_size=vocab_size) for f in files]
 
 
-class TextCaptionLoader:
+class MixedLoader:
     """Text rows, image-caption rows and conversation rows, mixed at the ratios the caller asks
     for each step. Without caption_files it gives text rows only (fine-tuning's text rows,
     evaluation); conversation rows need chat_files (their order shuffled by `seed`). The

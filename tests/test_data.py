@@ -11,7 +11,7 @@ import tiktoken
 import torch
 
 from data import shards
-from data.loader import ConversationLoader, TextCaptionLoader
+from data.loader import ConversationLoader, MixedLoader
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,7 +227,7 @@ def pretrain_shards(tmp_path):
 
 def make_pretrain_loader(files, rank=0, world_size=1, batch_size=8, seq_len=64):
     text, captions = files
-    return TextCaptionLoader(text_files=text, caption_files=captions, tokenizer=TOKENIZER, batch_size=batch_size,
+    return MixedLoader(text_files=text, caption_files=captions, tokenizer=TOKENIZER, batch_size=batch_size,
                           seq_len=seq_len, tokens_per_image=4, caption_len=10, rank=rank, world_size=world_size)
 
 

@@ -19,9 +19,8 @@ import torch
 from common import load_checkpoint, save_checkpoint
 from data import shards
 from data.atomic import atomic_write
-from data.tokenizer import Tokenizer
 from tests.test_pretrain import TINY, assert_same_weights, pretrain, read_log, weights
-from tests.tiny_data import ROOT, WORDS, make_tiny_dataset
+from tests.tiny_data import ROOT, make_tiny_dataset, write_tiny_chat_shards
 
 PHASES = ["--vision_start_frac=0.5", "--image_iters=4"]
 
@@ -29,16 +28,7 @@ PHASES = ["--vision_start_frac=0.5", "--image_iters=4"]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The tiny pretraining data plus conversation shards, for finetune.py."""
-    data = make_tiny_dataset(tmp_path_factory.mktemp("data"))
-    tok = Tokenizer(Tokenizer.cl100k_ids_of(WORDS + [" " + w for w in WORDS]))
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 40), ("val", 8)):
-        turns = [tok.encode_conversation([("user", " ".join(rng.choice(WORDS, 4))),
-                                          ("assistant", " ".join(rng.choice(WORDS, 3)))]) for _ in range(n)]
-        shards.write_conversation_shard(os.path.join(data, f"{split}_chat.bin"),
-                                        rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                                        [t for t, _ in turns], [m for _, m in turns], tok.vocab_size)
-    return str(data)
+    return str(write_tiny_chat_shards(make_tiny_dataset(tmp_path_factory.mktemp("data"))))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import load_checkpoint, save_checkpoint
-from data.loader import ConversationLoader, TextCaptionLoader, rows_for_slot
+from data.loader import ConversationLoader, MixedLoader, rows_for_slot
 from data.shards import find_shards
 from data.tokenizer import load_tokenizer
 from tests.test_faults import assert_one_error_line
@@ -61,7 +61,7 @@ def test_credit_counters_never_overfill_a_micro_batch():
 
 
 def mixed_loader(data_dir, rank=0, world_size=1):
-    return TextCaptionLoader(text_files=find_shards(data_dir, "train_text*.bin"),
+    return MixedLoader(text_files=find_shards(data_dir, "train_text*.bin"),
                              caption_files=find_shards(data_dir, "train_caption*.bin"),
                              chat_files=find_shards(data_dir, "train_chat*.bin"), seed=7,
                              tokenizer=load_tokenizer(data_dir), batch_size=4, seq_len=64, tokens_per_image=16,

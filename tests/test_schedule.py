@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configurator import script_settings
-from data.loader import TextCaptionLoader
+from data.loader import MixedLoader
 from data.shards import find_shards
 from data.tokenizer import load_tokenizer
 from schedule import (batch_layouts, finetune_steps, image_ratio_at, image_start_step, instruct_ratio_at,
@@ -71,7 +71,7 @@ def test_batch_layouts_are_the_row_counts_the_loader_makes(data_dir, chat_dir, r
                  "--batch_size=4", "--grad_accum=2", "--image_ratio_ramp_iters=5", ramp, instruct_ratio,
                  "--seq_len=64", "--caption_len=20")
     tokenizer = load_tokenizer(data_dir)
-    loader = TextCaptionLoader(text_files=find_shards(data_dir, "train_text*.bin"),
+    loader = MixedLoader(text_files=find_shards(data_dir, "train_text*.bin"),
                                caption_files=find_shards(data_dir, "train_caption*.bin"),
                                chat_files=find_shards(chat_dir, "train_chat*.bin"), tokenizer=tokenizer,
                                batch_size=4, seq_len=64, tokens_per_image=16, caption_len=20)
