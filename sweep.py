@@ -481,9 +481,9 @@ def averages_of(summary):
     return [m for m in summary[0] if m.endswith("_avg")]
 
 
-def other_axes_combinations():
-    """[(axis, value)] for every combination of the axes other than vision_start_frac."""
-    others = grid_axes()[1:]
+def other_axes_combinations(axis=None):
+    """[(axis, value)] for every combination of the axes other than `axis` (vision_start_frac)."""
+    others = [a for a in grid_axes() if a is not (axis or grid_axes()[0])]
     return [list(zip(others, values)) for values in itertools.product(*(a.values for a in others))]
 
 
@@ -559,14 +559,16 @@ def write_results(grid, reports, not_ok):
             cells = [f"{number(m, e[m]['mean'])} ({number(m, e[m]['min'])} .. {number(m, e[m]['max'])})"
                      if e[m] else "" for m in metrics[:-1]]
             lines.append("| " + " | ".join(axis_cells(e) + [str(len(e["seeds"]))] + cells) + " |")
-        lines += ["", "Start fractions that differ by more than the seed spread (one's lowest seed above the "
+        lines += ["", "Values of an axis that differ by more than the seed spread (one's lowest seed above the "
                   "other's highest), with the other axes alike:"]
-        for metric in averages + ["caption_grounding"]:
-            for pairs in other_axes_combinations():
-                alike = [e for e in summary if all(e[a.name] == v for a, v in pairs)]
-                said = ", ".join(f"{hi:g} > {lo:g}" for hi, lo in beyond_spread(alike, metric))
-                lines.append(f"- {metric_title(metric)}" + (f", {describe(pairs)}" if pairs else "")
-                             + f": {said or 'none: every difference is within it'}")
+        for axis in (a for a in grid_axes() if len(a.values) > 1):
+            for metric in averages + ["caption_grounding"]:
+                for pairs in other_axes_combinations(axis):
+                    alike = [e for e in summary if all(e[a.name] == v for a, v in pairs)]
+                    said = ", ".join(f"{value_text(axis, hi)} > {value_text(axis, lo)}"
+                                     for hi, lo in beyond_spread(alike, metric, axis.name))
+                    lines.append(f"- {metric_title(metric)}, {axis.name}" + (f" ({describe(pairs)})" if pairs else "")
+                                 + f": {said or 'none: every difference is within it'}")
     write_text(os.path.join(sweep_dir, "results.md"), "\n".join(lines) + "\n")
     return summary
 
@@ -575,12 +577,11 @@ def metric_title(metric):
     return metric[:-len("_avg")] + " average" if metric.endswith("_avg") else metric.replace("_", " ")
 
 
-def beyond_spread(entries, metric):
-    """(higher, lower) start-fraction pairs whose min..max ranges over seeds do not overlap on
+def beyond_spread(entries, metric, axis="vision_start_frac"):
+    """(higher, lower) pairs of the axis' values whose min..max ranges over seeds do not overlap on
     `metric`: with three seeds, the one claim about a difference that this table supports."""
     scored = [e for e in entries if e[metric] and len(e["seeds"]) > 1]
-    return [(a["vision_start_frac"], b["vision_start_frac"]) for a in scored for b in scored
-            if a[metric]["min"] > b[metric]["max"]]
+    return [(a[axis], b[axis]) for a in scored for b in scored if a[metric]["min"] > b[metric]["max"]]
 
 
 def plot_results(summary):

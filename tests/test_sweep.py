@@ -224,6 +224,10 @@ def test_only_ranges_that_do_not_overlap_count_as_a_difference(monkeypatch):
     assert sweep.beyond_spread(entries, "vision_avg") == [(0.8, 0.0)]  # 0.4 overlaps both
     one_seed = [dict(entry(0.0, 1.0, 1.0), seeds=[1]), dict(entry(0.8, 9.0, 9.0), seeds=[1])]
     assert sweep.beyond_spread(one_seed, "vision_avg") == []  # one seed has no spread to beat
+    # along another axis, the start fraction held: the same rule
+    shares = [dict(entry(0.8, low, high), instruct_ratio=share) for share, low, high in ((0.0, 37.3, 37.9),
+                                                                                          (0.2, 34.1, 37.0))]
+    assert sweep.beyond_spread(shares, "vision_avg", "instruct_ratio") == [(0.0, 0.2)]
 
 
 # -----------------------------------------------------------------------------
