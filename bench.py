@@ -252,8 +252,8 @@ def bench_baseline(loader, config, seq_len, rows):
 
 
 def goals(r):
-    """The speed targets (MFU, memory, beating the textbook baseline) that this run's results speak to: (goal, measured, met). met is None
-    off a GPU, where the numbers say nothing about them."""
+    """The speed targets (MFU, memory, beating the textbook baseline) that this run's results
+    speak to: (goal, measured, met). met is None off a GPU, where the numbers say nothing."""
     out = []
 
     def add(goal, measured, met):

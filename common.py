@@ -199,10 +199,11 @@ def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts
     """The module the training loop calls: torch.compile'd when `compile` is on and, under
     torchrun with parallel = "ddp", wrapped in DDP (an FSDP model was sharded by shard_model).
     Shapes are static, so Dynamo compiles one graph per batch layout it meets (how many rows
-    hold images): `layouts` says how many the caller can produce, and Dynamo's limit (8 by default, past which it silently runs the rest eagerly) is raised to
-    fit. Each layout costs one compile, once per process: on the CPU about half a minute for
-    1.2-1.5x faster steps, which the toy's pretraining does not earn back, its fine-tuning
-    just does, and longer CPU runs do (docs/measured.md)."""
+    hold images): `layouts` says how many the caller can produce, and Dynamo's limit (8 by
+    default, past which it silently runs the rest eagerly) is raised to fit. Each layout costs
+    one compile, once per process: on the CPU about half a minute for 1.2-1.5x faster steps,
+    which the toy's pretraining does not earn back, its fine-tuning just does, and longer CPU
+    runs do (docs/measured.md)."""
     model = raw_model
     device_type = torch.device(device).type
     if compile:

@@ -275,7 +275,8 @@ class SiglipBlock(nn.Module):
     def forward(self, x):
         N, P, W = x.shape
         h = self.layer_norm1(x)
-        q, k, v = (proj(h).view(N, P, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(h).view(N, P, self.heads, -1).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         x = x + self.out_proj(attention(q, k, v, causal=False).transpose(1, 2).reshape(N, P, W))
         return x + self.fc2(F.gelu(self.fc1(self.layer_norm2(x)), approximate="tanh"))
 

@@ -27,17 +27,18 @@ from dataclasses import asdict
 import torch
 
 from common import (JsonlLog, StopSignals, all_reduce_sum, check_positive, check_same_data, check_same_settings,
-                    claim_out_dir, compile_and_wrap, load_checkpoint, load_training_state, mean_loss, peak_flops, restore_rng_state, rng_state, save_checkpoint,
-                    setup_training, shard_model, stop_if_not_finite, train_step, training_state)
+                    claim_out_dir, compile_and_wrap, load_checkpoint, load_training_state, mean_loss, peak_flops,
+                    restore_rng_state, rng_state, save_checkpoint, setup_training, shard_model, stop_if_not_finite,
+                    train_step, training_state)
 from configurator import apply_overrides
 from data.errors import UserError, report_user_errors
 from data.loader import MixedLoader
 from data.shards import find_shards, fingerprint
 from data.tokenizer import load_tokenizer
 from model import VISION_ENCODERS, VLM, configure_optimizer, model_config_from_settings
+from schedule import (IMAGE_RATIO_RAMPS, batch_layouts, fraction_step, image_ratio_at, image_start_step,
+                      instruct_ratio_at, learning_rate_at, text_checkpoint_name, total_steps)
 from vision_weights import load_pretrained, weights_folder
-from schedule import (IMAGE_RATIO_RAMPS, batch_layouts, image_ratio_at, image_start_step, instruct_ratio_at,
-                      learning_rate_at, text_checkpoint_name, total_steps)
 
 # -----------------------------------------------------------------------------
 # defaults: the toy world on a CPU, a 2-layer, 128-wide model, under a minute on 2 cores
@@ -189,7 +190,7 @@ signals = StopSignals(verbose=master)  # already during set-up (it can take minu
 
 start_iter = image_start_step(config)  # the first step that sees images
 total_iters = total_steps(config)
-save_iters = {round(f * max_iters): f for f in save_fracs}
+save_iters = {fraction_step(config, f): f for f in save_fracs}
 
 
 # -----------------------------------------------------------------------------
@@ -208,7 +209,8 @@ def make_loader(text_pattern, caption_pattern, chat_files, loader_rank, loader_w
         tokens_per_image=model_config.tokens_per_image, caption_len=caption_len, rank=loader_rank,
         world_size=loader_world, device=device)
     if loader.image_size != (image_size, image_size):
-        raise UserError(f"{caption_pattern}: images are {loader.image_size}, the model expects {image_size}x{image_size}")
+        raise UserError(f"{caption_pattern}: images are {loader.image_size}, the model expects "
+                        f"{image_size}x{image_size}")
     return loader
 
 

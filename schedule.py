@@ -18,9 +18,15 @@ from data.loader import rows_for_slot
 IMAGE_RATIO_RAMPS = ("linear", "cosine")  # how image_ratio_at climbs over image_ratio_ramp_iters
 
 
+def fraction_step(s, frac):
+    """The step at `frac` of the text schedule (s: pretrain.py's settings): where a run with
+    vision_start_frac = frac starts its images, and where save_fracs keeps that checkpoint."""
+    return round(frac * s["max_iters"])
+
+
 def image_start_step(s):
-    """The first step of a pretraining run that sees images (s: pretrain.py's settings)."""
-    return round(s["vision_start_frac"] * s["max_iters"])
+    """The first step of a pretraining run that sees images."""
+    return fraction_step(s, s["vision_start_frac"])
 
 
 def total_steps(s):

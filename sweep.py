@@ -194,7 +194,8 @@ def read_axes(grid):
                             f"({', '.join(sorted({t for t in texts if texts.count(t) > 1}))})")
         result.append(axis)
     if not any(a.name == "vision_start_frac" for a in result):
-        raise UserError("axes must include vision_start_frac: every cell branches from the text run at its start fraction")
+        raise UserError("axes must include vision_start_frac: every cell branches from the text run at its "
+                        "start fraction")
     result.sort(key=lambda a: a.name != "vision_start_frac")  # stable: the others in the order given
     if not all(0.0 <= v <= 1.0 for v in result[0].values):
         raise UserError(f"axes: vision_start_frac must lie in [0, 1], got {result[0].values!r}")

@@ -302,7 +302,8 @@ def test_evaluate_scores_the_benchmark_tasks(prepared, tmp_path):
     config = ModelConfig(n_layer=1, n_head=2, n_kv_head=2, n_embd=16, ffn_hidden=32, tie_embeddings=True,
                          image_size=SIZE, patch_size=8, block_size=256)
     ckpt = tmp_path / "ckpt.pt"
-    save_checkpoint(str(ckpt), {"config": {}, "model_config": asdict(config), "model": VLM(config).state_dict()})
+    save_checkpoint(str(ckpt), {"stage": "finetune", "config": {}, "model_config": asdict(config),
+                                "model": VLM(config).state_dict()})
     report = evaluate.main([f"--ckpt={ckpt}", f"--data_dir={out}", "--val_text=", "--max_new_tokens=2",
                             "--device=cpu", "--dtype=float32"])
     assert {t["name"]: t["n"] for t in report["tasks"]} == {

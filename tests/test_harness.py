@@ -157,7 +157,8 @@ def test_lm_eval_scores_a_checkpoint_as_evaluate_does(tiny, tmp_path):
     from harness import lm_eval_model
     model, tok = tiny
     ckpt = tmp_path / "ckpt.pt"
-    save_checkpoint(str(ckpt), {"stage": "finetune", "config": {}, "model_config": asdict(model.config), "model": model.state_dict()})
+    save_checkpoint(str(ckpt), {"stage": "finetune", "config": {}, "model_config": asdict(model.config),
+                                "model": model.state_dict()})
     with open(tmp_path / "items.jsonl", "w") as f:
         f.writelines(json.dumps(item) + "\n" for item in ITEMS)
     (tmp_path / "tiny_mc.yaml").write_text(  # a local lm-eval task over the local file: no download

@@ -150,7 +150,8 @@ def test_browser_upload_question_and_streamed_answer_equal_sample(toy, server, b
     WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "caption").text == "scene.png")
     for question, answer in zip(questions, expected):
         (state, text, n_streamed), (state_b, text_b, _) = ask(question)
-        assert state == "done" and text == tokenizer.decode(answer).strip()  # the page's .text trims spaces
+        # the page's .text may keep an answer's leading space (Chromium's rendering decides): compare stripped
+        assert state == "done" and text.strip() == tokenizer.decode(answer).strip()
         assert n_streamed == len(answer)  # one event per token: streamed, not sent at the end
         assert state_b == "error" and "is a text-only checkpoint" in text_b
     assert browser.find_element(By.ID, "picture").get_attribute("naturalWidth") == "32"  # the picture shows

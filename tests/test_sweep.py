@@ -141,7 +141,8 @@ def test_a_second_seed_adds_its_runs_and_the_spread_over_seeds(first_run, local_
         text = f.read()
     assert "## Over seeds: mean (min .. max)" in text
     assert re.search(r"\| 0\.50 \| 0\.50 \| 2 \| [+-]\d+\.\d \([+-]\d+\.\d \.\. [+-]\d+\.\d\) \|", text)
-    assert "- vision average, image_ratio 0.50: " in text and "- text average, image_ratio 0.50: " in text
+    assert "- vision average, vision_start_frac (image_ratio 0.50): " in text
+    assert "- text average, vision_start_frac (image_ratio 0.50): " in text
 
 
 def test_a_fine_tuning_axis_shares_the_image_phase(first_run, data_dir, sweep_dir):
