@@ -221,3 +221,11 @@ def test_ci_runs_the_readme_test_command():
     for step in test_command.split(" && "):
         if step not in ("python3 -m venv .venv", ". .venv/bin/activate"):
             assert re.search(re.escape(step).replace(r"\ ", r"\s+(?:-q\s+)?"), ci), f".ci/run lacks `{step}`"
+
+
+def test_the_readme_stays_a_front_door():
+    """Reference material lives in docs/; the README keeps to what a newcomer needs first."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 350, f"README.md has {len(lines)} lines: move reference material to a docs/ page"
+    assert "## Fork it: three ablations" in lines
