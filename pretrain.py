@@ -19,7 +19,6 @@ prefix once).
 
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -38,7 +37,7 @@ from data.tokenizer import load_tokenizer
 from model import VISION_ENCODERS, VLM, configure_optimizer, model_config_from_settings
 from schedule import (IMAGE_RATIO_RAMPS, batch_layouts, fraction_step, image_ratio_at, image_start_step,
                       instruct_ratio_at, learning_rate_at, text_checkpoint_name, total_steps)
-from vision_weights import load_pretrained, weights_folder
+from vision_weights import check_vision_weights, load_pretrained, weights_folder
 
 # -----------------------------------------------------------------------------
 # defaults: the toy world on a CPU, a 2-layer, 128-wide model, under a minute on 2 cores
@@ -148,10 +147,7 @@ def check_settings():
         raise UserError(f"patch_size ({patch_size}) must divide image_size ({image_size})")
     if vision_encoder not in VISION_ENCODERS:
         raise UserError(f"vision_encoder must be one of {tuple(VISION_ENCODERS)}, got {vision_encoder!r}")
-    if vision_encoder == "siglip" and not os.path.isdir(vision_weights) and (
-            vision_weights.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", vision_weights)):
-        raise UserError(f"vision_weights {vision_weights!r} is neither a local folder nor a Hub repository id "
-                        "(owner/name)")
+    check_vision_weights(config)
     for name in ("learning_rate", "min_lr", "rewarm_lr", "weight_decay", "grad_clip"):
         if config[name] < 0:
             raise UserError(f"{name} must not be negative, got {config[name]}")

@@ -6,6 +6,7 @@ this file is the seam to the outside world. A new pretrained encoder adds its lo
 """
 
 import os
+import re
 
 from huggingface_hub import hf_hub_download
 from safetensors import safe_open
@@ -72,6 +73,15 @@ def load_siglip(encoder, folder):
 
 
 LOADERS = {"siglip": load_siglip}  # vision_encoder -> how its pretrained weights load (patches: none)
+
+
+def check_vision_weights(settings):
+    """A pretrained encoder's vision_weights must name a local folder or a Hub repository id,
+    checked before anything is built or downloaded."""
+    source = settings["vision_weights"]
+    if settings["vision_encoder"] in LOADERS and not os.path.isdir(source) and (
+            source.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", source)):
+        raise UserError(f"vision_weights {source!r} is neither a local folder nor a Hub repository id (owner/name)")
 
 
 def weights_folder(settings, with_weights):
