@@ -220,11 +220,12 @@ def compile_and_wrap(raw_model, compile, device, world_size, local_rank, layouts
 
 
 def train_step(model, optimizer, micro_batches, autocast, vision_params, step_has_images, grad_clip):
-    """One optimizer step over this rank's micro-batches [(x, y, images), ...].
+    """One optimizer step over this rank's micro-batches [(x, y, images), ...]; a micro-batch of
+    packed conversations adds their segments (x, y, images, segments; see VLM.hidden_states).
     Returns (summed per-token losses [B, T] of each micro-batch, gradient norm)."""
     token_losses = []
     n = len(micro_batches)
-    for i, (x, y, images) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         # Reduce the gradients across ranks only once, after the last micro-batch.
         last = i == n - 1
         sync = contextlib.nullcontext()
@@ -234,7 +235,7 @@ def train_step(model, optimizer, micro_batches, autocast, vision_params, step_ha
             sync = model.no_sync()
         with sync:
             with autocast:
-                loss, losses = model(x, y, images)
+                loss, losses = model(*batch)
             (loss / n).backward()
         token_losses.append(losses.detach())
     if not step_has_images:
@@ -267,10 +268,10 @@ def mean_loss(raw_model, next_batch, num_batches, autocast, device, world_size):
     raw_model.eval()
     total = torch.zeros(2, device=device)
     for _ in range(num_batches):
-        x, y, images = next_batch()
+        batch = next_batch()  # (x, y, images) or (x, y, images, segments), as train_step
         with autocast:
-            _, losses = raw_model(x, y, images)
-        total += torch.stack([losses.sum(), (y != -1).sum().float()])
+            _, losses = raw_model(*batch)
+        total += torch.stack([losses.sum(), (batch[1] != -1).sum().float()])
     total = all_reduce_sum(total, world_size)
     raw_model.train(was_training)
     return (total[0] / total[1]).item()

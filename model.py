@@ -124,18 +124,25 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
 
-def attention(q, k, v, causal):
+def attention(q, k, v, causal, mask=None):
     """Softmax attention over q [B, H, Tq, hd] and k, v [B, H_kv, Tk, hd] (H a multiple of H_kv:
-    grouped-query attention); causal masks position j > i. On CUDA, PyTorch's fused flash
-    kernels. On the CPU, the explicit form: at a few hundred positions it trains about 1.7x
-    faster there than PyTorch's CPU flash kernel (bench_cpu.py), and its [Tq, Tk] scores are
-    small at such lengths."""
+    grouped-query attention); causal masks position j > i. A boolean mask [B, 1, Tq, Tk] (True:
+    may attend) replaces the causal one: packed conversations, each reading only itself
+    (VLM.hidden_states). On CUDA, PyTorch's fused kernels (flash without a mask; with one, the
+    memory-efficient kernel, which takes masks). On the CPU, the explicit form: at a few hundred
+    positions it trains about 1.7x faster there than PyTorch's CPU flash kernel (bench_cpu.py),
+    and its [Tq, Tk] scores are small at such lengths."""
     if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+        gqa = k.shape[1] != q.shape[1]
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     if k.shape[1] != q.shape[1]:
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scaling q is cheaper than scaling scores
-    if causal:
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal:
         Tq, Tk = scores.shape[-2:]
         scores = scores + torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
     return scores.softmax(dim=-1) @ v
@@ -158,7 +165,7 @@ class Attention(nn.Module):
             self.q_norm = nn.LayerNorm(n_head * self.head_dim, eps=eps, bias=False)
             self.k_norm = nn.LayerNorm(n_kv_head * self.head_dim, eps=eps, bias=False)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, mask=None):
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -173,7 +180,7 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)
         # With a cache, a prompt (T > 1) is always fed at position 0, so the usual causal mask
         # applies; a single new token may attend to everything cached.
-        y = attention(q, k, v, causal=self.causal and T > 1)
+        y = attention(q, k, v, causal=self.causal and T > 1, mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -197,8 +204,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(dim, eps, ops)
         self.mlp = MLP(dim, hidden, ops)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.norm1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.attn(self.norm1(x), rope, cache, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -478,24 +485,33 @@ class VLM(nn.Module):
         which = (is_image.flatten().cumsum(0) - 1).clamp(min=0).view_as(idx)
         return torch.where(is_image.unsqueeze(-1), image_tokens[which], x)
 
-    def hidden_states(self, idx, images=None, cache=None):
+    def hidden_states(self, idx, images=None, cache=None, segments=None):
+        """The decoder's last hidden states [B, T, d_model]. segments [B, T] (optional) numbers
+        the documents packed into each row: a position attends only to earlier positions of its
+        own document, so each reads as if alone in its row (rotary embeddings see only the
+        distance between positions, not where the document starts)."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.pos
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        mask = None
+        if segments is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = (segments.unsqueeze(2) == segments.unsqueeze(1)).unsqueeze(1) & causal  # [B, 1, T, T]
         x = self.embed(idx, images)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
         return self.norm_f(x)
 
-    def forward(self, idx, targets, images=None):
+    def forward(self, idx, targets, images=None, segments=None):
         """Returns (loss, token_losses): the mean cross-entropy over the targets that are not
-        -1, and each position's loss ([B, T] float32, 0 where the target is -1)."""
+        -1, and each position's loss ([B, T] float32, 0 where the target is -1). segments: see
+        hidden_states."""
         B, T = idx.shape
-        h = self.hidden_states(idx, images)
+        h = self.hidden_states(idx, images, segments=segments)
         loss, token_losses = self.ops.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if (images is None or images.shape[0] == 0) and torch.is_grad_enabled():
             # On a text-only batch the vision encoder and projector take no part. Touch each of

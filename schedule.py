@@ -105,8 +105,9 @@ def batch_layouts(s):
     return sorted(layouts)
 
 
-def finetune_steps(s, conversations):
-    """Fine-tuning's step count: `epochs` passes over `conversations`, each step taking
-    (batch_size - text_rows) conversations per micro-batch, grad_accum micro-batches (s:
+def finetune_steps(s, rows):
+    """Fine-tuning's step count: the conversation rows that `epochs` passes take (epochs x
+    conversations, one a row; fewer when packed, ConversationLoader.rows_to_cover), at
+    (batch_size - text_rows) rows per micro-batch and grad_accum micro-batches a step (s:
     finetune.py's settings)."""
-    return s["epochs"] * math.ceil(conversations / ((s["batch_size"] - s["text_rows"]) * s["grad_accum"]))
+    return math.ceil(rows / ((s["batch_size"] - s["text_rows"]) * s["grad_accum"]))

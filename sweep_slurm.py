@@ -283,7 +283,9 @@ def finetune_steps_and_tokens(stage, s, p):
                             "(conversations per epoch) for the estimate")
         conversations = sum(read_shard(path).num_samples for path in paths)
     seq_len = settings["seq_len"] or p["seq_len"]  # 0: the pretrained model's context
-    return finetune_steps(settings, conversations), settings["batch_size"] * settings["grad_accum"] * seq_len
+    # one conversation a row (packed rows, pack_conversations, take fewer steps: an upper bound)
+    steps = finetune_steps(settings, settings["epochs"] * conversations)
+    return steps, settings["batch_size"] * settings["grad_accum"] * seq_len
 
 
 def estimate(stage, ckpt_bytes, s, p):

@@ -8,6 +8,9 @@ epochs = 2
 batch_size = 8  # per GPU
 grad_accum = 16  # 16 x 8 = 128 conversations per step over all ranks
 seq_len = 2048
+# One conversation a row, as the study (LLaVA's recipe): a step is 128 conversations. Packing
+# (finetune.py's pack_conversations) would fit several into 2048 positions and change that.
+pack_conversations = False
 # The SigLIP tower stays frozen, as in the study's codebase (Prismatic): the projector and the
 # decoder train.
 freeze_vision = True

@@ -200,12 +200,14 @@ class MixedLoader:
 
 
 class Conversations:
-    """Conversation shards read as rows of seq_len positions: one conversation a row, its image's
+    """Conversation shards read as rows of seq_len positions, each conversation its image's
     placeholders first, then the chat turns, trained on the assistant's answers only (the shards'
     loss mask, from Tokenizer.encode_conversation). Fine-tuning's rows and pretraining's
     conversation rows both come from row(), so the two are built alike. Position p is the p-th
     conversation of an endless walk: each epoch visits every conversation once, in an order
-    shuffled by (seed, epoch) unless shuffle is False. `used_for` names the training in errors."""
+    shuffled by (seed, epoch) unless shuffle is False. `used_for` names the training in errors.
+    A row holds one conversation, or with packing (fits_from, packed_row) as many consecutive
+    ones of the walk as fit."""
 
     def __init__(self, *, files, tokenizer, seq_len, tokens_per_image, seed=0, shuffle=True, used_for="fine-tuning"):
         self.T = seq_len
@@ -220,6 +222,10 @@ class Conversations:
             raise UserError(f"conversation shards disagree on the image size: {sorted(sizes)}")
         self.image_size = sizes.pop()
         self._check_something_is_trained(files, used_for)
+        # Positions each conversation takes in a row: its image's placeholders and its tokens but
+        # the last (which is only ever a target), at most a row (longer ones are cut).
+        tokens = np.concatenate([np.diff(s.offsets) for s in self.shards])
+        self.lengths = np.minimum(tokens_per_image + tokens - 1, seq_len)
         self._order_epoch, self._order = None, None
 
     def _check_something_is_trained(self, files, used_for, samples=256):
@@ -237,52 +243,106 @@ class Conversations:
                             f"token within seq_len {self.T} after the {self.tokens_per_image} image tokens: "
                             f"{used_for} would train on nothing")
 
-    def _sample_at(self, position):
+    def _index_at(self, position):
+        """The conversation (global index over the shards) at `position` of the walk."""
         epoch, i = divmod(position, self.num_samples)
         if self.shuffle:
             if self._order_epoch != epoch:
                 self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
                 self._order_epoch = epoch
             i = int(self._order[i])
+        return i
+
+    def _sample_at(self, position):
+        i = self._index_at(position)
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.shards[s], i - self.starts[s]
 
-    def row(self, position):
-        """(x, y, image) of the conversation at `position`: x and y of seq_len positions."""
+    def _layout(self, position, length):
+        """(x, y, image) of the conversation at `position` laid out in `length` positions."""
         shard, i = self._sample_at(position)
         lo, hi = shard.offsets[i], shard.offsets[i + 1]
         x, y = layout_sample(shard.tokens[lo:hi], shard.loss_mask[lo:hi], self.tokens_per_image, self.image_id,
-                             self.T, self.pad_id)
+                             length, self.pad_id)
         return x, y, shard.images[i]
+
+    def row(self, position):
+        """(x, y, image) of the conversation at `position`: x and y of seq_len positions."""
+        return self._layout(position, self.T)
+
+    def fits_from(self, position):
+        """How many conversations of the walk, from `position` on, fit into one row together
+        (at least one: a conversation longer than a row is cut, and has the row to itself)."""
+        n, used = 0, 0
+        while n == 0 or used + self.lengths[self._index_at(position + n)] <= self.T:
+            used += self.lengths[self._index_at(position + n)]
+            n += 1
+        return n
+
+    def packed_row(self, position, n):
+        """(x, y, images [n, H, W, 3], segments) of the n conversations from `position` on, one
+        after another in one row. segments numbers them 0 .. n - 1 (the padding after them n),
+        so that the model keeps each one's attention inside it (VLM.hidden_states)."""
+        x = np.full(self.T, self.pad_id, dtype=np.int64)
+        y = np.full(self.T, -1, dtype=np.int64)
+        segments = np.full(self.T, n, dtype=np.int64)
+        images, start = [], 0
+        for k in range(n):
+            length = int(self.lengths[self._index_at(position + k)])
+            x[start:start + length], y[start:start + length], image = self._layout(position + k, length)
+            segments[start:start + length] = k
+            images.append(image)
+            start += length
+        return x, y, np.stack(images), segments
 
 
 class ConversationLoader:
-    """Instruction-tuning rows (Conversations): batch_size conversations a micro-batch."""
+    """Instruction-tuning rows (Conversations): batch_size rows a micro-batch, each one
+    conversation, or with `pack` as many as fit (then a batch is (x, y, images, segments), its
+    images in reading order). The state is the slot and the walk's position, the same on every
+    rank: every rank walks every row of a slot (only the conversations' lengths) and reads its own."""
 
     def __init__(self, *, files, tokenizer, batch_size, seq_len, tokens_per_image, seed=0, shuffle=True, rank=0,
-                 world_size=1, device="cpu"):
+                 world_size=1, device="cpu", pack=False):
         self.B, self.T = batch_size, seq_len
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.device, self.pack = rank, world_size, device, pack
         self.conversations = Conversations(files=files, tokenizer=tokenizer, seq_len=seq_len,
                                            tokens_per_image=tokens_per_image, seed=seed, shuffle=shuffle)
         self.num_samples, self.image_size = self.conversations.num_samples, self.conversations.image_size
         self.reset()
 
     def reset(self):
-        self.state = {"slot": 0}
+        self.state = {"slot": 0, "position": 0}
 
     def state_dict(self):
         return dict(self.state)
 
     def load_state_dict(self, state):
-        self.state = dict(state)
+        # a checkpoint from before packing has no position: one conversation a row
+        self.state = {"position": state["slot"] * self.B, **state}
+
+    def rows_to_cover(self, conversations):
+        """Rows the walk takes, from its start, to pass `conversations` conversations: what
+        `epochs` passes cost (schedule.finetune_steps)."""
+        if not self.pack:
+            return conversations
+        rows, position = 0, 0
+        while position < conversations:
+            position += self.conversations.fits_from(position)
+            rows += 1
+        return rows
 
     def next_batch(self):
-        slot = self.state["slot"] + self.rank
+        rows = []
+        for r in range(self.world_size):
+            for _ in range(self.B):
+                n = self.conversations.fits_from(self.state["position"]) if self.pack else 1
+                if r == self.rank:
+                    rows.append((self.state["position"], n))
+                self.state["position"] += n
         self.state["slot"] += self.world_size
-        x = np.empty((self.B, self.T), dtype=np.int64)
-        y = np.empty((self.B, self.T), dtype=np.int64)
-        images = np.empty((self.B, *self.image_size, 3), dtype=np.uint8)
-        for b in range(self.B):
-            x[b], y[b], images[b] = self.conversations.row(slot * self.B + b)
-        return to_device((x, y, images), self.device)
+        if not self.pack:
+            x, y, images = zip(*(self.conversations.row(position) for position, _ in rows))
+            return to_device((np.stack(x), np.stack(y), np.stack(images)), self.device)
+        x, y, images, segments = zip(*(self.conversations.packed_row(position, n) for position, n in rows))
+        return to_device((np.stack(x), np.stack(y), np.concatenate(images), np.stack(segments)), self.device)

@@ -128,12 +128,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy_reference(h, weight, targets, ignore_index=-1):
-    """What the fused version computes, written plainly: the full [N, V] logits in float32.
+    """What the fused version computes, written plainly: float32 logits, only at the positions
+    that have a target (fine-tuning's answers are a few of each conversation's positions).
     Returns (loss, token_losses) as linear_cross_entropy does."""
-    token_losses = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index,
-                                   reduction="none")
-    loss = token_losses.sum() / (targets != ignore_index).sum().clamp(min=1)
-    return loss, token_losses.detach()
+    trained = (targets != ignore_index).nonzero().squeeze(1)
+    losses = F.cross_entropy(F.linear(h[trained], weight).float(), targets[trained], reduction="none")
+    token_losses = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+    token_losses[trained] = losses.detach()
+    return losses.sum() / max(len(trained), 1), token_losses
 
 
 def linear_cross_entropy(h, weight, targets, ignore_index=-1, chunk_size=None):

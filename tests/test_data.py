@@ -317,8 +317,8 @@ def conversation_shard(tmp_path):
 
 
 def make_conversation_loader(path, **kwargs):
-    return ConversationLoader(files=[path], tokenizer=TOKENIZER, batch_size=4, seq_len=24, tokens_per_image=4, seed=5,
-                              **kwargs)
+    return ConversationLoader(files=[path], tokenizer=TOKENIZER, **{"batch_size": 4, "seq_len": 24,
+                                                                  "tokens_per_image": 4, "seed": 5, **kwargs})
 
 
 def test_conversation_rows_train_only_on_masked_tokens(conversation_shard):
@@ -351,3 +351,58 @@ def test_conversation_epochs_visit_each_sample_once_and_resume(conversation_shar
     resumed = make_conversation_loader(path)
     resumed.load_state_dict(single.state_dict())
     assert torch.equal(resumed.next_batch()[0], single.next_batch()[0])
+
+
+def test_packed_rows_hold_whole_conversations_laid_out_as_alone(conversation_shard):
+    # Packing puts consecutive conversations of the walk into a row as long as they fit; each one
+    # is laid out exactly as alone (its own image first), marked by its segment number.
+    path, convs, masks = conversation_shard
+    alone = make_conversation_loader(path, shuffle=False, batch_size=1)
+    packed = make_conversation_loader(path, shuffle=False, pack=True)
+    x, y, images, segments = packed.next_batch()
+    walked = 0
+    for b in range(4):
+        start = 0
+        for k in range(int(segments[b].max())):
+            a_x, a_y, a_image = alone.next_batch()
+            n = min(4 + len(convs[walked]) - 1, 24)  # a conversation's positions: all its tokens but the last
+            assert (segments[b, start:start + n] == k).all()
+            assert torch.equal(x[b, start:start + n], a_x[0, :n]) and torch.equal(y[b, start:start + n], a_y[0, :n])
+            assert torch.equal(images[walked], a_image[0])
+            start, walked = start + n, walked + 1
+        assert (y[b, start:] == -1).all() and start <= 24
+        next_length = 4 + len(convs[walked]) - 1
+        assert start + next_length > 24  # the next conversation would not have fit
+    assert walked == packed.state["position"] > 4  # more conversations than rows
+    assert packed.rows_to_cover(37) < 37 and make_conversation_loader(path).rows_to_cover(37) == 37
+
+
+def test_packed_walk_visits_each_conversation_once_and_resumes(conversation_shard):
+    path = conversation_shard[0]
+    single = make_conversation_loader(path, pack=True)
+    ranks = [make_conversation_loader(path, pack=True, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        batches = [single.next_batch(), single.next_batch()]
+        for loader, expected in zip(ranks, batches):
+            assert all(torch.equal(a, b) for a, b in zip(loader.next_batch(), expected))
+    resumed = make_conversation_loader(path, pack=True)
+    resumed.load_state_dict(single.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), single.next_batch()))
+    # a whole epoch: every conversation's image exactly once
+    walk = make_conversation_loader(path, pack=True)
+    images = []
+    while walk.state["position"] < 37:
+        images.append(walk.next_batch()[2])
+    first_epoch = torch.cat(images)[:37].flatten(1)
+    assert len({tuple(row.tolist()) for row in first_epoch}) == 37
+
+
+def test_a_checkpoint_from_before_packing_resumes_where_it_was(conversation_shard):
+    path = conversation_shard[0]
+    loader = make_conversation_loader(path)
+    for _ in range(3):
+        loader.next_batch()
+    old_state = {"slot": loader.state_dict()["slot"]}  # what an unpacked loader saved before
+    resumed = make_conversation_loader(path)
+    resumed.load_state_dict(old_state)
+    assert torch.equal(resumed.next_batch()[0], loader.next_batch()[0])

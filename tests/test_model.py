@@ -198,3 +198,46 @@ def test_cpu_attention_equals_sdpa(causal, n_kv_head):
         t.grad = None
     expected.sum().backward()
     assert all(torch.allclose(a, t.grad, atol=1e-12) for a, t in zip(grads, (q, k, v)))
+
+
+def test_cpu_attention_with_a_mask_equals_sdpa():
+    # the packed-conversations mask: the CPU's form and the fused kernels' (CUDA) agree
+    from model import attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, dtype=torch.float64) for _ in range(3))
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0] * 9])
+    mask = (segments.unsqueeze(2) == segments.unsqueeze(1)).unsqueeze(1) & torch.ones(9, 9, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(attention(q, k, v, causal=True, mask=mask), expected, atol=1e-12)
+    assert torch.allclose(attention(q[1:], k[1:], v[1:], causal=True), expected[1:], atol=1e-12)  # one segment
+
+
+def test_packed_documents_read_as_if_each_were_alone():
+    # Two image documents and a text tail packed into one row, segments 0, 1, 2: each one's
+    # per-token losses and its share of the gradient equal those of the document alone in a row.
+    torch.manual_seed(0)
+    model = VLM(tiny_config(vit_depth=0)).double()
+    g = torch.Generator().manual_seed(1)
+    lengths = [13, 17, 10]
+    docs = [torch.randint(4, 97, (n,), generator=g) for n in lengths]
+    docs[0][:4], docs[1][:4] = IMAGE, IMAGE
+    targets = [torch.randint(4, 97, (n,), generator=g) for n in lengths]
+    targets[1][:6] = -1
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=g)
+    packed_x, packed_y = torch.cat(docs)[None], torch.cat(targets)[None]
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    loss, packed_losses = model(packed_x, packed_y, images, segments)
+    loss.backward()
+    packed_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    start, summed = 0, 0.0
+    for i, n in enumerate(lengths):
+        doc_loss, alone = model(docs[i][None], targets[i][None], images[i:i + 1] if i < 2 else None)
+        assert torch.allclose(packed_losses[0, start:start + n], alone[0], rtol=1e-6)
+        summed = summed + doc_loss * (targets[i] != -1).sum()  # each mean back to a sum
+        start += n
+    (summed / (packed_y != -1).sum()).backward()
+    assert torch.allclose(model.lm_head.weight.grad, packed_grad, rtol=1e-5, atol=1e-8)  # float32 logits
+    # without segments the second document reads the first: its losses change
+    _, unmasked = model(packed_x, packed_y, images)
+    assert not torch.allclose(unmasked[0, 13:30], packed_losses[0, 13:30])

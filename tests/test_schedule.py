@@ -91,7 +91,7 @@ def test_batch_layouts_are_the_row_counts_the_loader_makes(data_dir, chat_dir, r
 def test_finetune_steps():
     s = script_settings("finetune.py", ["config/toy_sft.py", "--epochs=3", "--batch_size=10", "--text_rows=2",
                                         "--grad_accum=2"])
-    assert finetune_steps(s, 100) == 3 * math.ceil(100 / 16)
+    assert finetune_steps(s, 3 * 100) == math.ceil(300 / 16)  # 3 epochs of 100 conversations, one a row
 
 
 def test_a_cosine_ramp_run_logs_the_schedules_ratios(data_dir, tmp_path):  # noqa: F811
