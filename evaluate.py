@@ -19,7 +19,7 @@ with lm-eval's and lmms-eval's own code):
   - open: greedy generation; the task's "metric" is "vqa" (VQAv2, the default: the official VQA
     answer normalisation and soft accuracy), "vqa_evalai" (TextVQA, VizWiz: the same after
     EvalAI's tokenising step) or "exact_match" (GQA: case and punctuation ignored), as lmms-eval
-    has them;
+    has them, or "final_answer" (exact_match on what follows the answer's last full stop);
   - yes_no (POPE): log-likelihood of "yes" against "no"; lmms-eval's accuracy, precision,
     recall, F1 and yes_ratio (the share of "yes" in the ground truth), per item "category" too.
 Vision and knowledge prompts use the chat template after the image (the model is evaluated after
@@ -63,7 +63,7 @@ data_dir = "data/toyworld"
 tasks = ""  # comma-separated task names; "" = every eval_*.json in data_dir
 max_items = 0  # > 0: only the first items of each task (a quick look)
 batch_size = 64  # sequences scored at once
-max_new_tokens = 8  # for open-ended answers
+max_new_tokens = 12  # for open-ended answers (the toy's longest, "a fire truck is red. bottom right", takes 9)
 val_text = "val_text*.bin"  # for bits per byte; "" skips it
 bpb_batches = 8
 device = "auto"
@@ -135,11 +135,20 @@ def exact_match(prediction, references):
     return float(any(prediction.lower().translate(strip) == r.lower().translate(strip) for r in references))
 
 
+def final_answer(prediction, references):
+    """A reasoned answer's conclusion: exact_match on what follows the last full stop, so that
+    "it is yellow. yes" is scored on its "yes" (the toy's knowledge_qa)."""
+    def conclusion(text):
+        return text.rsplit(".", 1)[-1].strip()
+    return exact_match(conclusion(prediction), [conclusion(r) for r in references])
+
+
 # An open task's "metric" field picks its rule (default "vqa").
 OPEN_METRICS = {
     "vqa": vqa_soft_accuracy,  # VQAv2
     "vqa_evalai": lambda pred, refs: vqa_soft_accuracy(pred, refs, evalai_tokenize=True),  # TextVQA, VizWiz
     "exact_match": exact_match,  # GQA
+    "final_answer": final_answer,
 }
 
 

@@ -50,6 +50,14 @@ def test_exact_match_with_few_references():
     assert evaluate.exact_match("Yes.", ["yes"]) == 1.0 and evaluate.exact_match("the cup", ["cup"]) == 0.0
 
 
+def test_final_answer_scores_the_conclusion_only():
+    # knowledge_qa's answers say a colour, then yes or no: only the yes or no counts
+    assert evaluate.final_answer("it is red. yes", ["it is yellow. yes"]) == 1.0
+    assert evaluate.final_answer("it is yellow. no", ["it is yellow. yes"]) == 0.0
+    assert evaluate.final_answer("Yes", ["it is yellow. yes"]) == 1.0  # no reasoning, the same conclusion
+    assert evaluate.final_answer("it is yellow.", ["it is yellow. yes"]) == 0.0  # no conclusion
+
+
 def test_pope_metrics_and_stable_score_are_exact():
     said = ["yes", "yes", "no", "no", "yes", "maybe"]
     truth = ["yes", "no", "yes", "no", "yes", "yes"]

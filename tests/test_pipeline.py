@@ -76,7 +76,7 @@ def test_evaluate_writes_one_table_next_to_the_checkpoint(pretrained, tmp_path):
     result = run("evaluate.py", f"--ckpt={sft}", f"--data_dir={data}", "--max_items=6", "--bpb_batches=2")
     report = json.loads((tmp_path / "sft" / "ckpt.pt.eval.json").read_text())
     names = {t["name"] for t in report["tasks"]}
-    assert names == {"color_qa", "count_mc", "exists_yn", "knowledge_mc", "arith_mc", "facts_mc", "story_mc"}
+    assert names == {"color_qa", "count_mc", "exists_yn", "knowledge_qa", "arith_mc", "facts_mc", "story_mc"}
     for task in report["tasks"]:
         assert task["n"] == 6 and 0.0 <= task["accuracy"] <= 1.0
         assert task["stable"] == pytest.approx(100 * (task["accuracy"] - task["chance"]))

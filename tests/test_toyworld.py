@@ -76,7 +76,7 @@ def test_meta(world, meta):
     assert meta["format"] == 1 and meta["tokenizer"] == "cl100k_base"
     assert meta["image_size"] == [32, 32] and meta["seed"] == 1337 and meta["scale"] == SCALE
     assert meta["eval_tasks"] == ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc",
-                                  "knowledge_mc"]
+                                  "knowledge_qa"]
     assert meta["without_knowledge_facts"] is False
     for name in meta["files"].values():
         for f in [name] if isinstance(name, str) else name:
@@ -210,7 +210,7 @@ EXPECTED_TASKS = {  # name: (modality, kind, chance)
     "color_qa": ("vision", "open", 1 / 6), "count_mc": ("vision", "multiple_choice", 1 / 3),
     "exists_yn": ("vision", "yes_no", 0.5), "arith_mc": ("text", "multiple_choice", 0.25),
     "facts_mc": ("text", "multiple_choice", 0.25), "story_mc": ("text", "multiple_choice", 0.25),
-    "knowledge_mc": ("knowledge", "multiple_choice", 1 / 3),
+    "knowledge_qa": ("knowledge", "open", 1 / 2),
 }
 
 
@@ -221,7 +221,7 @@ def test_eval_sets_are_well_formed(world, meta, tok):
     for name, (modality, kind, chance) in EXPECTED_TASKS.items():
         task = load_eval(world, name)
         assert set(task) == {"name", "modality", "kind", "chance", "description", "items"} | (
-            {"delimiter"} if kind == "multiple_choice" else set())
+            {"delimiter"} if kind == "multiple_choice" else {"metric"} if name == "knowledge_qa" else set())
         assert (task["name"], task["modality"], task["kind"]) == (name, modality, kind)
         assert task["chance"] == pytest.approx(chance) and task["description"]
         items = task["items"]
@@ -239,7 +239,7 @@ def test_eval_sets_are_well_formed(world, meta, tok):
                 assert it["image"] is None
             if kind == "multiple_choice":
                 opts = it["options"]
-                assert len(opts) == (3 if name in ("count_mc", "knowledge_mc") else 4) == len(set(opts))
+                assert len(opts) == (3 if name == "count_mc" else 4) == len(set(opts))
                 assert isinstance(it["answer"], int) and 0 <= it["answer"] < len(opts)
                 assert chance == pytest.approx(1 / len(opts))
                 assert task["delimiter"] == (" " if modality == "text" else "")
@@ -250,6 +250,8 @@ def test_eval_sets_are_well_formed(world, meta, tok):
                     tok.encode(prompt + task["delimiter"] + o if modality == "text" else o)
             elif kind == "yes_no":
                 assert it["options"] is None and it["answer"] in ("yes", "no")
+            elif name == "knowledge_qa":  # one sentence, checked against the picture below
+                assert it["options"] is None and len(it["answer"]) == 1 and tok.encode(it["answer"][0])
             else:
                 assert it["options"] is None and it["answer"] and all(a in prepare.COLORS for a in it["answer"])
         if kind == "yes_no":
@@ -323,14 +325,25 @@ def thing_colors():
     return {x: y for x, y in prepare.RELATIONS["thing_color"]["facts"]}
 
 
+KNOWLEDGE_TURN = re.compile(r"<\|user\|>is there a shape with the color of ([a-z ]+)\?<\|end\|>"
+                            r"<\|assistant\|>it is ([a-z]+)\. (yes|no)<\|end\|>")
+
+
 def knowledge_turns(world, tok, name):
     """(picture, thing, answer) of every knowledge conversation in a shard."""
     shard = shards.read_shard(os.path.join(world, name))
     for i in range(shard.num_samples):
-        text = tok.decode(shard.sample_tokens(i))
-        (thing, answer), = re.findall(r"<\|user\|>where is the shape with the color of ([a-z ]+)\?<\|end\|>"
-                                      r"<\|assistant\|>([a-z ]+)<\|end\|>", text)
-        yield np.asarray(shard.images[i]), thing, answer
+        (thing, color, answer), = KNOWLEDGE_TURN.findall(tok.decode(shard.sample_tokens(i)))
+        yield np.asarray(shard.images[i]), thing, f"it is {color}. {answer}"
+
+
+def check_knowledge_answer(image, thing, answer):
+    """The answer states the thing's colour, then whether a shape in the picture wears it."""
+    color, yes_no = re.fullmatch(r"it is ([a-z]+)\. (yes|no)", answer).groups()
+    assert color == thing_colors()[thing], (thing, answer)
+    worn = any(colour_pixels(image, cell, color) >= 20 for cell in range(4))
+    assert yes_no == ("yes" if worn else "no"), (thing, answer)
+    return yes_no
 
 
 def test_knowledge_things_are_split_between_fine_tuning_and_evaluation():
@@ -361,49 +374,31 @@ def test_no_conversation_names_an_evaluation_thing(world, tok):
     assert checked > 100
 
 
-def test_knowledge_conversations_answer_with_the_place_of_the_thing_colour(world, tok):
-    colors = thing_colors()
-    answers = []
-    for image, thing, answer in knowledge_turns(world, tok, "train_chat_knowledge.bin"):
-        cells = [cell for cell in range(4) if colour_pixels(image, cell, colors[thing]) >= 20]
-        assert cells == [prepare.POSITIONS.index(answer)], (thing, answer, cells)  # the one shape of that colour
-        answers.append(answer)
-    assert len(set(answers)) == 4
+def test_knowledge_conversations_answer_with_the_fact_then_the_picture(world, tok):
+    answers = [check_knowledge_answer(image, thing, answer)
+               for image, thing, answer in knowledge_turns(world, tok, "train_chat_knowledge.bin")]
+    assert 0.3 <= answers.count("yes") / len(answers) <= 0.7
 
 
 def test_knowledge_items_cannot_be_answered_without_the_thing_colour(world):
-    task = load_eval(world, "knowledge_mc")
+    task = load_eval(world, "knowledge_qa")
+    assert task["metric"] == "final_answer"
     images = np.load(os.path.join(world, "eval_images.npy"))
-    colors = thing_colors()
     eval_things = {x for things in prepare.KNOWLEDGE_EVAL_THINGS.values() for x in things}
+    answers = []
     for it in task["items"]:
-        thing = re.fullmatch(r"where is the shape with the color of ([a-z ]+)\?", it["prompt"]).group(1)
+        thing = re.fullmatch(r"is there a shape with the color of ([a-z ]+)\?", it["prompt"]).group(1)
         assert thing in eval_things
-        # the options are the places of three shapes in three colours, one of them the thing's
-        worn = [[c for c in prepare.COLORS if colour_pixels(images[it["image"]], prepare.POSITIONS.index(place), c)
-                 >= 20] for place in it["options"]]
-        assert sorted(map(len, worn)) == [1, 1, 1] and len({w[0] for w in worn}) == 3, it
-        assert worn[it["answer"]] == [colors[thing]], it
-    # each place among the options is the answer equally often
-    assert np.ptp(np.bincount([it["answer"] for it in task["items"]], minlength=3)) <= 1
+        image = images[it["image"]]
+        answers.append(check_knowledge_answer(image, thing, it["answer"][0]))
+        # two or three shapes: the picture alone does not say which colour is meant
+        assert sum(any(colour_pixels(image, cell, c) >= 20 for c in prepare.COLORS) for cell in range(4)) >= 2
+    assert abs(2 * answers.count("yes") - len(answers)) <= 1  # half yes: chance is 1/2
     assert len(task["items"]) == prepare.n_items(SCALE)
 
 
-def test_knowledge_items_ask_about_a_colour_that_one_shape_wears():
-    import random
-    rng = random.Random(0)
-    scenes, _ = prepare.vision_evals(rng, 30)
-    colors = thing_colors()
-    for it in prepare.knowledge_evals(scenes, rng, 40):
-        thing = it["prompt"][len("where is the shape with the color of "):-1]
-        objects = scenes[it["image"]][1]
-        assert [prepare.POSITIONS[o[0]] for o in objects] == it["options"]
-        assert [prepare.COLORS[o[2]] for o in objects].count(colors[thing]) == 1
-        assert prepare.COLORS[objects[it["answer"]][2]] == colors[thing]
-
-
 def test_the_default_corpus_teaches_every_evaluation_fact_often():
-    """The facts knowledge_mc needs are in the text the main job trains on, in both directions
+    """The facts knowledge_qa needs are in the text the main job trains on, in both directions
     ("the sun is yellow.", "yellow is the color of the sun.") and often."""
     import random
     text_world = prepare.TextWorld()

@@ -12,7 +12,7 @@ left, top right, bottom left, bottom right), on a black, white or gray backgroun
 has a caption and a short LLaVA-style conversation. Beside them, a text corpus from a grammar
 about the same concepts: facts (colours of things, sides of shapes, colour mixing, what is a
 colour/shape/number/animal, animals' legs and sounds, opposites), counting, small arithmetic and
-short stories. Knowledge questions join the two: "where is the shape with the color of the sun?"
+short stories. Knowledge questions join the two: "is there a shape with the color of the sun?"
 needs the picture and a fact from the text.
 
 What it writes (token ids are *compact* ids: index i means cl100k id meta["compact_vocab"][i]):
@@ -34,14 +34,14 @@ Evaluation sets, each {"name", "modality", "kind", "chance", "description", "ite
     arith_mc   text multi-choice    "three plus four is" -> "seven" (4 options)    chance 1/4
     facts_mc   text multi-choice    "a banana is" -> "yellow" (4 options)          chance 1/4
     story_mc   text multi-choice    "mia was hungry, so she" -> "ate a sandwich"   chance 1/4
-    knowledge_mc knowledge multi-choice "where is the shape with the color of the sun?" -> "top
-               left" among the places of the picture's three shapes           chance 1/3
+    knowledge_qa knowledge open     "is there a shape with the color of the sun?" -> "it is yellow.
+               yes" (scored on the yes or no after the colour; 50% yes)       chance 1/2
 Held out: eval pictures are scenes (background + every shape's cell, kind, colour and size) that
 no training picture shows; a text eval item's prompt + delimiter + correct option never occurs
 verbatim in the training text. The facts and sums behind them are taught, in other sentence
 forms: every fact has several templates and each eval item uses a (template, fact) pair the
 corpus leaves out, so the model must have learnt the fact from one wording and the wording from
-other facts. knowledge_mc asks about the vision tasks' pictures, and its things are never named in
+other facts. knowledge_qa asks about the vision tasks' pictures, and its things are never named in
 a conversation: their colours are only in the text corpus (--without_knowledge_facts takes them
 out of it: the control run).
 
@@ -576,7 +576,7 @@ class TextWorld:
     """Builds the sentence inventories once; samples documents with a given random.Random.
 
     left_out: facts (relation, x, y) whose sentences the corpus never says (the control run of
-    knowledge_mc). Documents are drawn exactly as without it and those sentences then dropped, so
+    knowledge_qa). Documents are drawn exactly as without it and those sentences then dropped, so
     the corpus is the full one less them, and no other sentence changes."""
 
     def __init__(self, left_out=()):
@@ -757,25 +757,26 @@ class TextWorld:
 # ----------------------------------------------------------------------------------------------
 # Knowledge questions: the picture and a fact that only the text teaches
 #
-# "where is the shape with the color of the sun?" needs the colour of the sun from the text corpus
-# ("the sun is yellow.") and the yellow shape's place from the picture. The things of each picture
-# colour are split in two: the fine-tuning conversations ask about KNOWLEDGE_TRAIN_THINGS,
-# knowledge_mc only about KNOWLEDGE_EVAL_THINGS, which no conversation names. So a model answers
-# knowledge_mc only by combining what it sees with what it read; --without_knowledge_facts leaves
-# the eval things' colour sentences out of the corpus, the control in which knowledge_mc must fall
-# to chance. (The question names the thing and the answer is in the picture, because the corpus
-# teaches a thing's colour mostly as "<thing> is <colour>": asked the other way round, "which thing
-# has the color of the circle: ...?", a fine-tuned toy model scored exactly chance, and even as
-# plain text it could not complete "yellow is the color of" with its yellow thing; docs/toy_notes.md.)
+# "is there a shape with the color of the sun?" needs the colour of the sun from the text corpus
+# ("the sun is yellow.") and the picture. The answer says the colour first, then yes or no:
+# "it is yellow. yes", as the corpus says it ("what color is the sun? it is yellow."), so the
+# fact is recalled as the text taught it and the picture is then asked about a colour word in
+# plain sight. The things of each picture colour are split in two: the fine-tuning
+# conversations ask about KNOWLEDGE_TRAIN_THINGS, knowledge_qa only about KNOWLEDGE_EVAL_THINGS,
+# which no conversation names. So a model answers knowledge_qa only by combining what it sees
+# with what it read; --without_knowledge_facts leaves the eval things' colour sentences out of
+# the corpus, the control in which knowledge_qa must fall to chance. Two earlier forms asked for
+# the place of the shape, with no colour said first: a 2-layer toy model could not use a fact
+# in the middle of its answer and scored chance in most runs (docs/toy_notes.md).
 
-KNOWLEDGE_QUESTION = "where is the shape with the color of {thing}?"
+KNOWLEDGE_QUESTION = "is there a shape with the color of {thing}?"
 KNOWLEDGE_EVAL_PER_COLOR = 2  # the things of each picture colour that only evaluation asks about
 TRAIN_KNOWLEDGE_CHATS, VAL_KNOWLEDGE_CHATS = 2_000, 125  # at --scale 1.0, beside the other conversations
 
 
 def knowledge_things():
     """(eval, train): for each picture colour (an index into COLORS), the things of that colour
-    that knowledge_mc asks about and those that fine-tuning asks about. The eval things are the
+    that knowledge_qa asks about and those that fine-tuning asks about. The eval things are the
     KNOWLEDGE_EVAL_PER_COLOR the corpus mentions most (the highest fact weights), so the text
     teaches their colours often: about 75 to 2,900 sentences each in the default corpus."""
     facts = RELATIONS["thing_color"]["facts"]
@@ -792,48 +793,33 @@ KNOWLEDGE_EVAL_THINGS, KNOWLEDGE_TRAIN_THINGS = knowledge_things()
 KNOWLEDGE_EVAL_FACTS = [("thing_color", x, COLORS[c]) for c, things in KNOWLEDGE_EVAL_THINGS.items() for x in things]
 
 
-def knowledge_scenes(rng, n, exclude):
-    """n training scenes (none in `exclude`) in which some colour is worn by one shape only, so
-    that a knowledge question about it has one answer."""
-    scenes = []
-    while len(scenes) < n:
-        scene = sample_scenes(rng, 1, exclude)[0]
-        colors = [o[2] for o in scene[1]]
-        if any(colors.count(c) == 1 for c in colors):
-            scenes.append(scene)
-    return scenes
+def knowledge_question(scene, rng, things, present):
+    """(question, answer) about a thing of a colour the picture shows (present) or does not."""
+    shown = {o[2] for o in scene[1]}
+    color = rng.choice(sorted(shown if present else set(range(len(COLORS))) - shown))
+    thing = rng.choice(things[color])
+    return KNOWLEDGE_QUESTION.format(thing=thing), f"it is {COLORS[color]}. {'yes' if present else 'no'}"
 
 
 def knowledge_conversation(scene, rng):
-    """One turn asking where the shape with the colour of a fine-tuning thing is."""
-    colors = [o[2] for o in scene[1]]
-    obj = rng.choice([o for o in scene[1] if colors.count(o[2]) == 1])
-    thing = rng.choice(KNOWLEDGE_TRAIN_THINGS[obj[2]])
-    return [("user", KNOWLEDGE_QUESTION.format(thing=thing)), ("assistant", POSITIONS[obj[0]])]
+    """One turn about a fine-tuning thing; half the answers are yes."""
+    q, a = knowledge_question(scene, rng, KNOWLEDGE_TRAIN_THINGS, present=rng.random() < 0.5)
+    return [("user", q), ("assistant", a)]
 
 
 def knowledge_evals(scenes, rng, n):
-    """knowledge_mc's items, about the vision tasks' held-out pictures of three shapes in three
-    colours (so no training picture changes): where is the shape with the colour of an eval
-    thing? The options are the three shapes' places, in reading order; each is the answer
-    equally often, and the thing's colour is drawn from the picture's three, so a model that does
-    not know the thing's colour scores chance, 1/3, whatever it makes of the picture."""
-    by_answer = [[], [], []]  # (picture, asked shape) by the asked shape's place among the options
-    for index, (_, objects) in enumerate(scenes):
-        if len({o[2] for o in objects}) == 3:
-            for k in range(3):
-                by_answer[k].append((index, k))
-    for candidates in by_answer:
-        rng.shuffle(candidates)
-    if min(map(len, by_answer)) * 3 < n:
-        raise RuntimeError("knowledge_mc: too few evaluation pictures of three shapes in three colours")
+    """knowledge_qa's items, about the vision tasks' held-out pictures of two or three shapes (so
+    no training picture changes), about eval things: "is there a shape with the color of the
+    sun?" -> "it is yellow. yes". Half the answers are yes, so a model that does not know the
+    thing's colour, and so answers for a colour it guesses, scores about chance, 1/2."""
+    pictures = [index for index, (_, objects) in enumerate(scenes) if len(objects) >= 2]
+    rng.shuffle(pictures)
+    if len(pictures) < n:
+        raise RuntimeError("knowledge_qa: too few evaluation pictures of two or three shapes")
     items = []
-    for i in range(n):
-        index, answer = by_answer[i % 3][i // 3]
-        objects = scenes[index][1]
-        thing = rng.choice(KNOWLEDGE_EVAL_THINGS[objects[answer][2]])
-        items.append({"image": index, "prompt": KNOWLEDGE_QUESTION.format(thing=thing),
-                      "options": [POSITIONS[o[0]] for o in objects], "answer": answer})
+    for i, index in enumerate(pictures[:n]):
+        q, a = knowledge_question(scenes[index], rng, KNOWLEDGE_EVAL_THINGS, present=i % 2 == 0)
+        items.append({"image": index, "prompt": q, "options": None, "answer": [a]})
     rng.shuffle(items)
     return items
 
@@ -975,15 +961,15 @@ TASK_INFO = {
                  "taught in other sentence forms (some often, some rarely); this form of it never "
                  "appears in the training text. 30 causes x 2 held-out forms, each told about "
                  f"{STORY_EVAL_NAMES} different children."),
-    "knowledge_mc": ("knowledge", "multiple_choice", 1 / 3,
-                     "'where is the shape with the color of the sun?' in a picture of three shapes in three "
-                     "colours; the options are the three shapes' places. It needs the thing's colour, which only "
-                     "the text corpus teaches (fine-tuning asks the same question about other things), and the "
-                     "picture. The option with the highest log-likelihood after tok.encode_prompt(prompt) wins. "
-                     "Each place is the answer equally often and the thing's colour is one of the picture's three, "
-                     "so a model that does not know it scores chance, 1/3."),
+    "knowledge_qa": ("knowledge", "open", 1 / 2,
+                     "'is there a shape with the color of the sun?' about a picture of two or three shapes -> "
+                     "'it is yellow. yes': the thing's colour, which only the text corpus teaches (fine-tuning asks "
+                     "the same question about other things), then whether the picture shows that colour. Greedy "
+                     "answer; only its conclusion, the part after the last full stop, is scored (metric "
+                     "final_answer). Half the answers are yes, so a model that does not know the colour scores "
+                     "about chance, 1/2."),
 }
-EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc", "knowledge_mc"]
+EVAL_TASKS = ["color_qa", "count_mc", "exists_yn", "arith_mc", "facts_mc", "story_mc", "knowledge_qa"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -998,6 +984,8 @@ def write_eval(path, name, items):
     task = {"name": name, "modality": modality, "kind": kind, "chance": chance, "description": description}
     if kind == "multiple_choice":
         task["delimiter"] = eval_delimiter(name)
+    if name == "knowledge_qa":  # the model says the colour first; its yes or no is what counts
+        task["metric"] = "final_answer"
     write_json(path, {**task, "items": items})
 
 
@@ -1049,7 +1037,7 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every sample count")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--without_knowledge_facts", action="store_true",
-                        help="the control of knowledge_mc: leave the colours of its things out of the text corpus "
+                        help="the control of knowledge_qa: leave the colours of its things out of the text corpus "
                              f"(default --out_dir {os.path.join(HERE, CONTROL_DIR)})")
     args = parser.parse_args(argv)
     if args.image_size < 16 or args.image_size % 2:
@@ -1130,7 +1118,7 @@ def main(argv=None):
     # was before they existed (finetune.py reads every train_chat*.bin)
     for split, n_chat, stream in [("train", TRAIN_KNOWLEDGE_CHATS, 12), ("val", VAL_KNOWLEDGE_CHATS, 22)]:
         r = rng(f"{split}_knowledge_chat")
-        chat_scenes = knowledge_scenes(r, count(n_chat), held)
+        chat_scenes = sample_scenes(r, count(n_chat), held)
         chat_images = render(chat_scenes, np_rng(stream), args.image_size)
         encoded = [tok.encode_conversation(knowledge_conversation(s, r)) for s in chat_scenes]
         write_conversation_shard(path(f"{split}_chat_knowledge.bin"), chat_images, [e[0] for e in encoded],
@@ -1140,7 +1128,7 @@ def main(argv=None):
 
     # evaluation sets
     tasks = dict(vision_tasks, **text_evals(world, rng("eval_text"), n_eval),
-                 knowledge_mc=knowledge_evals(eval_scenes, rng("eval_knowledge"), n_eval))
+                 knowledge_qa=knowledge_evals(eval_scenes, rng("eval_knowledge"), n_eval))
     corpus = "\n".join(train_docs)
     for name in ("arith_mc", "facts_mc", "story_mc"):  # held out, verbatim (by construction)
         leaks = [it["prompt"] for it in tasks[name]
