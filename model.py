@@ -138,7 +138,8 @@ def attention(q, k, v, causal, mask=None):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     if k.shape[1] != q.shape[1]:
-        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scaling q is cheaper than scaling scores
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -11,6 +11,8 @@ Pretraining rows come in three kinds, so shapes never change:
     positions: the image's placeholders, the caption, <|endoftext|>, then padding;
   - a conversation row (instruct_ratio > 0): one conversation, built exactly as fine-tuning
     builds it (Conversations.row): its image's placeholders, the chat turns, padding.
+Fine-tuning's ConversationLoader gives conversation rows only: one a row, or packed, as many as
+fit, with their segment numbers so that the model keeps each one's attention inside it.
 The caption (and its <|endoftext|>) is the only thing trained on in an image-caption row, the
 assistant's answers the only thing in a conversation row.
 

@@ -41,8 +41,9 @@ def finished_run(data_dir, tmp_path_factory):
 def finetune(data_dir, out_dir, *args, nproc=1, check=True):
     cmd = [sys.executable, "finetune.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "finetune.py"]
-    result = subprocess.run(cmd + ["--batch_size=4", "--text_rows=0", "--epochs=1", "--log_interval=1",
-                                   "--eval_interval=5", "--eval_batches=1", f"--data_dir={data_dir}",
+    result = subprocess.run(cmd + ["--batch_size=4", "--text_rows=0", "--seq_len=0", "--epochs=1",
+                                   "--log_interval=1", "--eval_interval=5", "--eval_batches=1",
+                                   f"--data_dir={data_dir}",
                                    f"--out_dir={out_dir}", *args],
                             cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if check and result.returncode != 0:

@@ -102,7 +102,7 @@ def test_finetuning_under_fsdp_equals_one_process(tmp_path):
     run("data/toyworld/prepare.py", f"--out_dir={data}", "--scale=0.02")
     run("pretrain.py", *TINY, "--vit_depth=0", f"--data_dir={data}", f"--out_dir={tmp_path / 'pt'}")
     sft = ["finetune.py", f"--data_dir={data}", f"--init_from={tmp_path / 'pt' / 'ckpt.pt'}", "--batch_size=4",
-           "--text_rows=2", "--grad_accum=2", "--epochs=1", "--log_interval=1", "--eval_interval=3",
+           "--seq_len=0", "--text_rows=2", "--grad_accum=2", "--epochs=1", "--log_interval=1", "--eval_interval=3",
            "--eval_batches=2", "--dtype=float32", "--freeze_vision=True", "--stop_at_iter=6"]
     run(*sft, f"--out_dir={tmp_path / 'one'}")
     run(*sft, f"--out_dir={tmp_path / 'fsdp'}", "--parallel=fsdp", ranks=2)

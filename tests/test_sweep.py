@@ -162,7 +162,8 @@ def test_a_fine_tuning_axis_shares_the_image_phase(first_run, data_dir, sweep_di
         assert checkpoint["config"]["init_from"] == os.path.join(image_dir, "ckpt.pt")
         assert checkpoint["config"]["epochs"] == epochs  # the axis, over finetune_args' --epochs=1
         steps[epochs] = checkpoint["iter_num"]
-    assert steps[2] == 2 * steps[1] > 0
+    # packed rows run across the end of an epoch, so two epochs take up to one row fewer than twice one
+    assert 2 * steps[1] - 1 <= steps[2] <= 2 * steps[1] and steps[1] > 0
     with open(os.path.join(sweep_dir, "results.json")) as f:
         runs = json.load(f)["runs"]
     assert [(r["vision_start_frac"], r["image_ratio"], r["epochs"], r["seed"], r["status"]) for r in runs] == [

@@ -95,8 +95,8 @@ def cases(w):
         return "pretrain.py", [*TINY, f"--data_dir={data}", f"--out_dir={root}/pretrain{next(fresh)}", *args]
 
     def finetune(*args, data_dir=data):
-        return "finetune.py", ["--batch_size=4", "--text_rows=0", f"--data_dir={data_dir}", f"--init_from={ckpt}",
-                               f"--out_dir={root}/finetune{next(fresh)}", *args]
+        return "finetune.py", ["--batch_size=4", "--text_rows=0", "--seq_len=0", f"--data_dir={data_dir}",
+                               f"--init_from={ckpt}", f"--out_dir={root}/finetune{next(fresh)}", *args]
 
     def sweep(*args):
         return "sweep.py", [f"--sweep_dir={root}/sweep", "--dry_run=True", *args]
