@@ -348,7 +348,8 @@ def markdown_table(results, summary, bpb):
             lines.append(f"| **{label}** | | | | | | **{summary[key]:+.1f}** |")
     lines.append("\nMultiple choice: accuracy by log-likelihood (lm-eval's acc), norm = by log-likelihood per "
                  "character of the option (acc_norm). Open answers: VQA soft accuracy (vqa, vqa_evalai) or exact "
-                 "match after the VQA/lmms-eval normalisation.")
+                 "match after the VQA/lmms-eval normalisation (final_answer: of what follows the answer's last "
+                 "full stop).")
     pope = [r for r in results if r["kind"] == "yes_no"]
     if pope:
         lines += ["\nYes/no (POPE) tasks, as lmms-eval defines the numbers: precision and recall of \"yes\", F1 "

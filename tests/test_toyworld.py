@@ -487,3 +487,14 @@ def test_every_image_size_keeps_each_shape_inside_its_cell(size):
         corner = 0 if position == 0 else cell
         inside[corner:corner + cell, corner:corner + cell] = True
         assert not (shape & ~inside).any()
+
+
+def test_preparing_again_removes_an_earlier_versions_task(tmp_path):
+    # evaluate.py scores every eval_*.json in the folder: knowledge_mc, the task knowledge_qa
+    # replaced, must go when the world is prepared again in place; the new tasks stay
+    generate(tmp_path, scale=0.005)
+    stale = tmp_path / "eval_knowledge_mc.json"
+    stale.write_text("{}")
+    generate(tmp_path, scale=0.005)
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.glob("eval_*.json")) == sorted(f"eval_{t}.json" for t in prepare.EVAL_TASKS)

@@ -50,6 +50,7 @@ vocabulary is the same for every --seed and --scale. Same arguments => byte-iden
 """
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -1055,6 +1056,12 @@ def main(argv=None):
                             f"{'without' if old_control else 'with'} the knowledge facts; delete it or choose "
                             "another --out_dir")
         os.remove(meta_path)  # the dataset is incomplete until the new meta.json is written
+        # evaluate.py scores every eval_*.json of a folder: one of an earlier version's tasks
+        # (knowledge_mc became knowledge_qa) must not linger beside the new ones
+        for path in glob.glob(os.path.join(args.out_dir, "eval_*.json")):
+            if os.path.basename(path)[len("eval_"):-len(".json")] not in EVAL_TASKS:
+                os.remove(path)
+                print(f"removed {path}: an earlier toy world's task")
 
     def rng(stream):  # independent, reproducible random streams (string seeds hash with sha512)
         return random.Random(f"toyworld/{args.seed}/{stream}")
