@@ -3,9 +3,9 @@
 # Per seed: one text run, then 6 start fractions x 1 image ratio = 6 cells of image phase,
 # fine-tuning and evaluation, each with the single-run toy settings (pretrain.py's and
 # finetune.py's defaults, the README's main job): a 2-layer, 128-wide model, 300 text steps
-# and a 600-step image phase of 16 x 128 tokens, six fine-tuning epochs. The main job is the
-# cell at start fraction 0.8 of the first seed. README "The study in one command" has the time
-# the three seeds took and the results.
+# and a 600-step image phase of 16 x 128 tokens, six fine-tuning epochs. The main job has the
+# settings of the cell at start fraction 0.8 of the first seed. README "The answer so far: the
+# toy sweep" has the results; docs/sweep.md the time the three seeds took (40 min on 2 cores).
 sweep_dir = "out/toy_sweep"
 data_dir = "data/toyworld"
 pretrain_config = "config/toy.py"
