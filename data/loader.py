@@ -276,10 +276,11 @@ class Conversations:
         """How many conversations of the walk, from `position` on, fit into one row together
         (at least one: a conversation longer than a row is cut, and has the row to itself)."""
         n, used = 0, 0
-        while n == 0 or used + self.lengths[self._index_at(position + n)] <= self.T:
-            used += self.lengths[self._index_at(position + n)]
-            n += 1
-        return n
+        while True:
+            length = self.lengths[self._index_at(position + n)]
+            if n > 0 and used + length > self.T:
+                return n
+            used, n = used + length, n + 1
 
     def packed_row(self, position, n):
         """(x, y, images [n, H, W, 3], segments) of the n conversations from `position` on, one
